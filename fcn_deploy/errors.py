@@ -1,0 +1,56 @@
+"""Typed errors. Every expected failure raises a subclass of :class:`FcnDeployError`;
+the CLI prints ``error: <message>`` on one line and exits with :attr:`exit_code`."""
+
+from __future__ import annotations
+
+
+class FcnDeployError(Exception):
+    """Root of every error this package raises on purpose (bad input, missing artifact, ...)."""
+
+    exit_code = 2
+
+
+class UsageError(FcnDeployError):
+    """An option or argument has a value that cannot work (e.g. a height not divisible by 32)."""
+
+
+class ArtifactExistsError(FcnDeployError):
+    """An output exists already and ``--force`` was not given."""
+
+
+class ArtifactNotFoundError(FcnDeployError):
+    """A model, ONNX or engine file the command needs is absent."""
+
+
+class CheckpointError(FcnDeployError):
+    """A checkpoint is truncated, not a checkpoint, unsafe to load or of another architecture."""
+
+
+class DatasetError(FcnDeployError):
+    """A VOC root, image or label is missing, unreadable or inconsistent."""
+
+
+class ImageReadError(FcnDeployError):
+    """One input image cannot be decoded."""
+
+
+class ExportError(FcnDeployError):
+    """ONNX export or one of its graph checks failed."""
+
+
+class VerificationError(FcnDeployError):
+    """A backend's output differs from the reference beyond the thresholds."""
+
+    exit_code = 1
+
+
+class BackendUnavailableError(FcnDeployError):
+    """An optional backend (tensorrt, onnxruntime-gpu, pycuda, CUDA) is not installed or usable."""
+
+
+class EngineError(FcnDeployError):
+    """A TensorRT engine cannot be built, is stale, or does not fit this GPU / TensorRT version."""
+
+
+class InputMismatchError(FcnDeployError):
+    """A runner was fed a tensor of the wrong name, dtype or shape."""

@@ -1,0 +1,60 @@
+"""Shared fixtures: a random-weight checkpoint, its ONNX exports and a synthetic VOC set,
+each built once per test session. GPU tests (``@pytest.mark.gpu``) skip without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _cuda_available() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # a CUDA build on a machine without driver
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(tmp_path_factory):
+    """A random-weight FCN (21 classes, seed 0) saved as an fcn-deploy checkpoint."""
+    from fcn_deploy.model import FCN, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, FCN().eval())
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_path(checkpoint_path, tmp_path_factory):
+    """The checkpoint exported to ONNX (320x480, dynamic batch), verified on export."""
+    from fcn_deploy.export import export_onnx
+
+    out = tmp_path_factory.mktemp("export") / "fcn.onnx"
+    export_onnx(checkpoint_path, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fp16_onnx_path(onnx_path):
+    """The strongly typed FP16 variant of :func:`onnx_path` (float32 IO)."""
+    from fcn_deploy.export import convert_fp16
+
+    return convert_fp16(onnx_path)
+
+
+@pytest.fixture(scope="session")
+def voc_root(tmp_path_factory):
+    """A small synthetic VOC-format dataset; returns its VOCdevkit/VOC2012 folder."""
+    from fcn_deploy.voc import write_synthetic_voc
+
+    return write_synthetic_voc(tmp_path_factory.mktemp("voc"), num_images=12, seed=0)
