@@ -400,3 +400,25 @@ def test_embed_meta_replaces_previous_entry():
     embed_meta(model, {"a": 1})
     embed_meta(model, {"a": 2})
     assert [(p.key, json.loads(p.value)) for p in model.metadata_props] == [(META_KEY, {"a": 2})]
+
+
+def test_fp16_of_trained_weights_with_tiny_values(tmp_path):
+    """Weight decay leaves many |w| < 1e-7 in a trained transposed conv: the FP16 conversion must
+    round them (not lift them to the converter's default 1e-7 floor) and still pass the checks."""
+    from fcn_deploy.export import FP16_TINY
+    from fcn_deploy.model import save_checkpoint
+
+    torch.manual_seed(1)
+    net = FCN().eval()
+    with torch.no_grad():
+        net.transpose_conv.weight.add_(torch.randn_like(net.transpose_conv.weight) * 1e-8)
+    ckpt = tmp_path / "trained.pt"
+    save_checkpoint(ckpt, net)
+    fp32 = export_onnx(ckpt, tmp_path / "fcn.onnx", height=64, width=96, verify=False).path
+    fp16 = onnx.load(convert_fp16(fp32, verify=False))
+    got = numpy_helper.to_array({t.name: t for t in fp16.graph.initializer}[_convt(fp16).input[1]])
+    ref = net.transpose_conv.weight.detach().numpy()
+    tiny = np.abs(ref) < FP16_TINY
+    assert tiny.sum() > 1000
+    assert np.abs(got[tiny].astype(np.float32)).max() <= FP16_TINY
+    assert np.array_equal(got[~tiny], ref[~tiny].astype(np.float16))
