@@ -1,0 +1,259 @@
+"""``fcn-deploy bench``: latency and throughput of one backend, engine alone and (optionally)
+the whole ``infer`` pipeline, with the machine it ran on.
+
+Engine alone: random photos-like tiles (uniform RGB, ImageNet-normalised) are staged once where
+the runner computes (a CUDA tensor for torch, a device ``OrtValue`` with IO binding for
+onnxruntime's CUDA/TensorRT providers, host memory on the CPU) and timed with
+``runner.run_staged`` (synchronised); runners without ``stage`` are timed through
+``runner.infer``. Timing lives here and in ``benchmarks/``; tests check fields, never speeds.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fcn_deploy import __version__
+from fcn_deploy.errors import UsageError
+from fcn_deploy.fileio import check_writable, write_json_atomic
+
+#: Installed distributions whose versions a report records (plus any ``tensorrt*``).
+_VERSIONED = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "pycuda")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,8,32"`` -> (1, 8, 32); anything else -> :class:`UsageError` naming the option."""
+    try:
+        sizes = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        raise UsageError(f"--batch-sizes must be comma-separated positive integers, not {text!r}")
+    return sizes
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model and cores, GPU name (when torch sees CUDA), OS, Python and library versions."""
+    from fcn_deploy.runners.onnxrt import physical_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # a CUDA build of torch without a usable driver
+        gpu = None
+    versions = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in _VERSIONED or name.startswith("tensorrt"):
+            versions[name] = dist.version
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "gpu": gpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": dict(sorted(versions.items())),
+    }
+
+
+def random_tiles(n: int, tile_hw: Sequence[int], mean, std, seed: int = 0) -> np.ndarray:
+    """(n, 3, H, W) float32: uniform random RGB pixels normalised like photos."""
+    from fcn_deploy.images import normalize
+
+    rng = np.random.default_rng(seed)
+    h, w = int(tile_hw[0]), int(tile_hw[1])
+    return np.stack([normalize(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mean, std) for _ in range(n)])
+
+
+def latency_stats(seconds: Sequence[float], batch_size: int) -> dict[str, Any]:
+    """Timed runs (s) -> runs, latency min/p50/p90/p99/mean (ms), throughput (tiles/s)."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {
+        "batch_size": batch_size,
+        "runs": int(ms.size),
+        "latency_ms": {
+            "min": round(float(ms.min()), 3),
+            "p50": round(float(p50), 3),
+            "p90": round(float(p90), 3),
+            "p99": round(float(p99), 3),
+            "mean": round(float(ms.mean()), 3),
+        },
+        "tiles_per_s": round(batch_size * ms.size / (ms.sum() / 1e3), 2),
+    }
+
+
+def time_runs(
+    fn: Callable[[], Any], warmup: int, iterations: int, max_seconds: float | None, min_runs: int = 3
+) -> list[float]:
+    """Call ``fn`` ``warmup`` times, then time up to ``iterations`` calls; stop early once
+    ``max_seconds`` of timed runs have passed and at least ``min_runs`` were timed."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if max_seconds is not None and sum(times) >= max_seconds and len(times) >= min_runs:
+            break
+    return times
+
+
+def bench(
+    backend: str,
+    model: str | os.PathLike | None = None,
+    *,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    warmup: int = 3,
+    iterations: int = 20,
+    max_seconds: float | None = 5.0,
+    device: str = "cpu",
+    precision: str | None = None,
+    images: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    force: bool = False,
+    export_dir: str | os.PathLike = "export",
+    engines_dir: str | os.PathLike = "engines",
+    runner_kwargs: dict[str, Any] | None = None,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Benchmark ``backend`` and return the report (also written to ``report`` as JSON).
+
+    Args:
+        backend, model, device, precision, export_dir, engines_dir, runner_kwargs: as for
+            :func:`fcn_deploy.runners.create_runner`.
+        batch_sizes: tiles per call, each timed separately.
+        warmup: untimed calls before each batch size's timed runs.
+        iterations: timed calls per batch size (fewer once ``max_seconds`` of them have run,
+            but at least 3), so that slow CPU batches stay bounded.
+        images: a folder of photos: also time the whole ``infer`` pipeline on it (outputs
+            go to a temporary folder), at the batch size of best engine throughput.
+        report: JSON path, written atomically (``force`` to overwrite).
+        echo: where the table goes (None: silent).
+
+    Returns:
+        ``{"backend", "artifact", "device", "precision", "tile_hw", "inputs", "warmup",
+        "iterations", "engine": [{"batch_size", "runs", "latency_ms": {"min", "p50", "p90",
+        "p99", "mean"}, "tiles_per_s"}...], "pipeline": {"batch_size", "images", "failed",
+        "tiles", "seconds", "images_per_s", "tiles_per_s"} | None, "machine": {...},
+        "fcn_deploy_version", "created"}``.
+    """
+    from fcn_deploy.runners import create_runner
+
+    batch_sizes = tuple(int(b) for b in batch_sizes)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UsageError(f"--batch-sizes must be positive integers, not {batch_sizes}")
+    if warmup < 0 or iterations < 1:
+        raise UsageError(f"--warmup must be >= 0 and --iterations >= 1 (got {warmup}, {iterations})")
+    if images is not None and not Path(images).is_dir():
+        raise UsageError(f"--images {images} is not a folder")
+    if report is not None:
+        report = check_writable(report, force)
+    runner = create_runner(
+        backend, model, device=device, precision=precision, export_dir=export_dir,
+        engines_dir=engines_dir, **(runner_kwargs or {}),
+    )
+    with runner:
+        too_big = [b for b in batch_sizes if runner.max_batch is not None and b > runner.max_batch]
+        if too_big:
+            raise UsageError(f"--batch-sizes {too_big[0]}: this {backend} artifact takes at most {runner.max_batch}")
+        tiles = random_tiles(max(batch_sizes), runner.tile_hw, runner.meta["mean"], runner.meta["std"])
+        staged_ok = hasattr(runner, "stage") and hasattr(runner, "run_staged")
+        engine = []
+        for bs in batch_sizes:
+            batch = np.ascontiguousarray(tiles[:bs])
+            if staged_ok:
+                staged = runner.stage(batch)
+                fn = lambda staged=staged: runner.run_staged(staged)  # noqa: E731
+            else:
+                fn = lambda batch=batch: runner.infer(batch)  # noqa: E731
+            engine.append(latency_stats(time_runs(fn, warmup, iterations, max_seconds), bs))
+        result: dict[str, Any] = {
+            "backend": backend,
+            "artifact": str(getattr(runner, "path", None) or getattr(runner, "checkpoint", "")),
+            "device": device,
+            "precision": runner.meta.get("precision"),
+            "tile_hw": list(runner.tile_hw),
+            "inputs": "device" if staged_ok and device.startswith("cuda") else "host",
+            "warmup": warmup,
+            "iterations": iterations,
+            "engine": engine,
+            "pipeline": None,
+        }
+        if images is not None:
+            best = max(engine, key=lambda r: r["tiles_per_s"])["batch_size"]
+            result["pipeline"] = _bench_pipeline(runner, Path(images), best)
+    result["machine"] = machine_info()
+    result["fcn_deploy_version"] = __version__
+    result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if echo is not None:
+        echo(format_report(result))
+    if report is not None:
+        write_json_atomic(report, result)
+    return result
+
+
+def _bench_pipeline(runner, images: Path, batch_size: int) -> dict[str, Any]:
+    """Run the whole ``infer`` pipeline over ``images`` into a temporary folder."""
+    from fcn_deploy.infer import run_inference
+
+    with tempfile.TemporaryDirectory(prefix="fcn-bench-") as out:
+        summary = run_inference([images], out, runner=runner, batch_size=batch_size, progress=False)
+    return {
+        "batch_size": batch_size,
+        "images": summary.images,
+        "failed": len(summary.failed),
+        "tiles": summary.tiles,
+        "seconds": round(summary.seconds, 3),
+        "images_per_s": round(summary.images_per_s, 3),
+        "tiles_per_s": round(summary.tiles_per_s, 2),
+    }
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The terminal table of a :func:`bench` result."""
+    from fcn_deploy.report import format_table
+
+    m = result["machine"]
+    h, w = result["tile_hw"]
+    lines = [
+        f"bench {result['backend']} ({result['artifact']}), {result['precision']}, "
+        f"{result['device']}, tiles {h}x{w}, {result['inputs']} inputs",
+        f"machine: {m['cpu']}, {m['physical_cores']} cores" + (f", {m['gpu']}" if m["gpu"] else ""),
+        "",
+    ]
+    rows = [
+        [str(r["batch_size"]), str(r["runs"]),
+         *(f"{r['latency_ms'][k]:.2f}" for k in ("min", "p50", "p90", "p99")), f"{r['tiles_per_s']:.1f}"]
+        for r in result["engine"]
+    ]
+    lines.append(format_table(["batch", "runs", "min ms", "p50 ms", "p90 ms", "p99 ms", "tiles/s"], rows))
+    p = result["pipeline"]
+    if p is not None:
+        lines.append(
+            f"pipeline (batch {p['batch_size']}): {p['images']} images ({p['tiles']} tiles), "
+            f"{p['failed']} failed, {p['seconds']:.2f} s, {p['images_per_s']:.2f} images/s, "
+            f"{p['tiles_per_s']:.1f} tiles/s"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,312 @@
+"""Runners (torch, onnxruntime) and the backend factory: interface, validation, numerics."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from fcn_deploy.errors import (
+    ArtifactNotFoundError,
+    BackendUnavailableError,
+    ExportError,
+    FcnDeployError,
+    InputMismatchError,
+    UsageError,
+)
+from fcn_deploy.model import load_checkpoint
+from fcn_deploy.runners import BACKENDS, create_runner
+from fcn_deploy.runners.base import argmax_labels
+from fcn_deploy.runners.onnxrt import OnnxRuntimeRunner, physical_cores
+from fcn_deploy.runners.torch_runner import TorchRunner
+
+SMALL = (64, 96)
+
+
+def _tiles(n: int, hw=SMALL, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, *hw), dtype=np.float32)
+
+
+def _assert_labels_agree(labels: np.ndarray, ref_logits: np.ndarray, tol: float) -> None:
+    """Labels equal the reference argmax except where its top-2 logits are within ``tol``."""
+    ref = argmax_labels(ref_logits)
+    top2 = np.sort(ref_logits, axis=1)[:, -2:]
+    near_tie = (top2[:, 1] - top2[:, 0]) <= tol
+    assert not np.any((labels != ref) & ~near_tie)
+    assert (labels == ref).mean() >= 0.9999
+
+
+@pytest.fixture
+def small_torch(checkpoint_path):
+    return TorchRunner(checkpoint_path, tile_hw=SMALL)
+
+
+# -- interface ----------------------------------------------------------------------------
+def test_torch_runner_lifecycle(small_torch):
+    with pytest.raises(FcnDeployError, match="activated before infer"):
+        small_torch.infer(_tiles(1))
+    assert not small_torch.is_active
+    with small_torch as runner:
+        assert runner is small_torch and runner.is_active
+        with pytest.raises(FcnDeployError, match="already active"):
+            runner.activate()
+        runner.infer(_tiles(1))
+        assert runner.last_inference_time > 0
+    assert not small_torch.is_active
+    with small_torch:  # re-activation after deactivate works
+        assert small_torch.infer(_tiles(1), output="labels").shape == (1, *SMALL)
+
+
+def test_torch_input_validation_messages(small_torch):
+    with small_torch as runner:
+        with pytest.raises(InputMismatchError) as err:
+            runner.infer(_tiles(2).astype(np.float64))
+        assert str(err.value) == "torch: received float64 (2, 3, 64, 96), expected image float32 (N,3,64,96)"
+        with pytest.raises(InputMismatchError, match=r"received float32 \(1, 3, 32, 96\), expected image"):
+            runner.infer(_tiles(1, hw=(32, 96)))
+        with pytest.raises(InputMismatchError, match=r"received float32 \(3, 64, 96\)"):
+            runner.infer(_tiles(1)[0])
+        with pytest.raises(InputMismatchError, match="received list"):
+            runner.infer(_tiles(1).tolist())
+        with pytest.raises(FcnDeployError, match="output must be"):
+            runner.infer(_tiles(1), output="probabilities")
+
+
+def test_torch_logits_equal_model_and_labels_equal_argmax(checkpoint_path, small_torch):
+    x = _tiles(3)
+    model, _ = load_checkpoint(checkpoint_path)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    with small_torch as runner:
+        logits = runner.infer(x)
+        labels = runner.infer(x, output="labels")
+    assert logits.dtype == np.float32 and logits.shape == (3, 21, *SMALL)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    assert labels.dtype == np.uint8 and labels.shape == (3, *SMALL)
+    np.testing.assert_array_equal(labels, argmax_labels(logits))
+
+
+def test_torch_spec_and_meta(small_torch):
+    with small_torch as runner:
+        assert runner.input_spec.shape == (-1, 3, *SMALL)
+        assert runner.input_spec.name == "image" and runner.input_spec.dtype == "float32"
+        assert runner.tile_hw == SMALL
+        meta = runner.meta
+        assert meta["num_classes"] == 21 == len(meta["classes"]) == len(meta["colormap"])
+        assert meta["tile_hw"] == list(SMALL) and meta["precision"] == "fp32"
+        assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_torch_bad_arguments(checkpoint_path, tmp_path):
+    with pytest.raises(UsageError, match="fp16 needs --device cuda"):
+        TorchRunner(checkpoint_path, precision="fp16")
+    with pytest.raises(UsageError, match="multiples of 32"):
+        TorchRunner(checkpoint_path, tile_hw=(100, 96))
+    with pytest.raises(UsageError, match="--device must be"):
+        TorchRunner(checkpoint_path, device="tpu")
+    with pytest.raises(UsageError, match="--precision"):
+        TorchRunner(checkpoint_path, precision="int8")
+    with pytest.raises(ArtifactNotFoundError, match="missing.pt"):
+        TorchRunner(tmp_path / "missing.pt").activate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_torch_cuda_unavailable(small_torch, checkpoint_path):
+    runner = TorchRunner(checkpoint_path, device="cuda", tile_hw=SMALL)
+    with pytest.raises(BackendUnavailableError, match="sees no CUDA GPU"):
+        runner.activate()
+    assert not runner.is_active
+
+
+# -- onnxruntime ---------------------------------------------------------------------------
+def test_ort_matches_torch(onnx_path, checkpoint_path):
+    x = _tiles(2, hw=(320, 480), seed=1)
+    with TorchRunner(checkpoint_path) as ref, OnnxRuntimeRunner(onnx_path) as ort:
+        ref_logits = ref.infer(x)
+        logits = ort.infer(x)
+        labels = ort.infer(x, output="labels")
+    assert logits.shape == ref_logits.shape and logits.dtype == np.float32
+    assert np.abs(logits - ref_logits).max() <= 1e-3
+    assert labels.dtype == np.uint8 and labels.shape == (2, 320, 480)
+    _assert_labels_agree(labels, ref_logits, tol=2e-3)
+
+
+def test_ort_fp16_artifact_agrees(fp16_onnx_path, checkpoint_path):
+    x = _tiles(1, hw=(320, 480), seed=4)
+    with TorchRunner(checkpoint_path) as ref, create_runner("ort-fp16", fp16_onnx_path) as half:
+        ref_logits = ref.infer(x)
+        logits = half.infer(x)
+        labels = half.infer(x, output="labels")
+        assert half.meta["precision"] == "fp16" and half.name == "ort-fp16"
+    assert logits.dtype == np.float32 and logits.shape == ref_logits.shape
+    np.testing.assert_array_equal(labels, argmax_labels(logits))
+    assert (labels == argmax_labels(ref_logits)).mean() >= 0.995
+
+
+def test_ort_graph_argmax_equals_numpy_argmax(onnx_path):
+    x = _tiles(1, hw=(320, 480), seed=2)
+    with OnnxRuntimeRunner(onnx_path) as graph, OnnxRuntimeRunner(onnx_path, argmax_in_graph=False) as plain:
+        np.testing.assert_array_equal(graph.infer(x, "labels"), argmax_labels(plain.infer(x)))
+        np.testing.assert_array_equal(plain.infer(x, "labels"), argmax_labels(plain.infer(x)))
+
+
+def test_ort_spec_meta_and_threads(onnx_path):
+    with OnnxRuntimeRunner(onnx_path, threads=1) as runner:
+        assert runner.input_spec.shape == (-1, 3, 320, 480)
+        assert runner.input_spec.dtype == "float32"
+        assert runner.max_batch is None
+        assert runner.meta["threads"] == 1 and runner.meta["providers"] == ["cpu"]
+        assert runner.meta["tile_hw"] == [320, 480]
+        assert len(runner.meta["classes"]) == 21
+        with pytest.raises(InputMismatchError, match=r"ort: received float64 \(1, 3, 320, 480\), expected "):
+            runner.infer(_tiles(1, hw=(320, 480)).astype(np.float64))
+    assert 1 <= physical_cores() <= os.cpu_count()
+
+
+def test_ort_fixed_batch_rejects_larger_batch(onnx_path, tmp_path):
+    model = onnx.load(str(onnx_path))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    with OnnxRuntimeRunner(fixed) as runner:
+        assert runner.max_batch == 1 and runner.input_spec.shape[0] == 1
+        assert runner.infer(_tiles(1, hw=(320, 480)), "labels").shape == (1, 320, 480)
+        with pytest.raises(InputMismatchError, match=r"received float32 \(2, 3, 320, 480\)"):
+            runner.infer(_tiles(2, hw=(320, 480)))
+
+
+def test_ort_checks_metadata(onnx_path, tmp_path):
+    from fcn_deploy.artifacts import embed_meta, meta_from_model
+
+    model = onnx.load(str(onnx_path))
+    meta = meta_from_model(model)
+    embed_meta(model, {**meta, "num_classes": 5})
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(model, str(wrong))
+    with pytest.raises(ExportError, match="outputs 21 classes but its metadata says 5"):
+        OnnxRuntimeRunner(wrong).activate()
+    del model.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    with pytest.raises(ExportError, match="carries no fcn-deploy metadata"):
+        OnnxRuntimeRunner(bare).activate()
+
+
+def _tiny_onnx(path, in_shape, out_shape, in_type=TensorProto.FLOAT):
+    """An Identity-like graph with the given declared IO shapes."""
+    x = helper.make_tensor_value_info("x", in_type, in_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
+    node = helper.make_node("Identity", ["x"], ["y"])
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_ort_rejects_wrong_input(tmp_path):
+    path = _tiny_onnx(tmp_path / "gray.onnx", ["N", 1, 64, 64], ["N", 1, 64, 64])
+    with pytest.raises(InputMismatchError) as err:
+        OnnxRuntimeRunner(path).activate()
+    assert str(err.value) == f"{path}: input is x float32 (N,1,64,64), expected float32 (N,3,H,W) with fixed H and W"
+    path = _tiny_onnx(tmp_path / "int.onnx", ["N", 3, 64, 64], ["N", 3, 64, 64], in_type=TensorProto.INT64)
+    with pytest.raises(InputMismatchError, match="input is x int64"):
+        OnnxRuntimeRunner(path).activate()
+    path = _tiny_onnx(tmp_path / "dyn.onnx", ["N", 3, "H", "W"], ["N", 3, "H", "W"])
+    with pytest.raises(InputMismatchError, match=r"\(N,3,H,W\), expected .* fixed H and W"):
+        OnnxRuntimeRunner(path).activate()
+
+
+def test_ort_rejects_wrong_output_and_garbage(tmp_path):
+    path = _tiny_onnx(tmp_path / "flat.onnx", ["N", 3, 64, 64], ["N", 12288])
+    with pytest.raises(ExportError, match=r"output is y float32 \(N,12288\), expected logits"):
+        OnnxRuntimeRunner(path).activate()
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    with pytest.raises(ExportError, match="garbage.onnx is not a readable ONNX model"):
+        OnnxRuntimeRunner(garbage).activate()
+    with pytest.raises(ArtifactNotFoundError, match="nothing.onnx not found"):
+        OnnxRuntimeRunner(tmp_path / "nothing.onnx").activate()
+
+
+def test_ort_provider_checks(tmp_path):
+    import onnxruntime
+
+    with pytest.raises(UsageError, match="unknown 'rocm'; choose from cpu, cuda, tensorrt"):
+        OnnxRuntimeRunner(tmp_path / "x.onnx", providers=("rocm",))
+    with pytest.raises(UsageError, match="--threads"):
+        OnnxRuntimeRunner(tmp_path / "x.onnx", threads=0)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    path = _tiny_onnx(tmp_path / "ok.onnx", ["N", 3, 64, 64], ["N", 3, 64, 64])
+    runner = OnnxRuntimeRunner(path, providers="cuda,cpu")
+    with pytest.raises(BackendUnavailableError, match=r"no CUDAExecutionProvider .*pip install 'fcn-deploy\[gpu\]'"):
+        runner.activate()
+    assert not runner.is_active
+
+
+# -- factory -------------------------------------------------------------------------------
+def test_factory_unknown_backend():
+    with pytest.raises(UsageError) as err:
+        create_runner("tflite")
+    assert str(err.value) == "--backend must be one of torch, ort, ort-fp16, trt, not 'tflite'"
+    assert BACKENDS == ("torch", "ort", "ort-fp16", "trt")
+
+
+def test_factory_missing_defaults_name_the_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ArtifactNotFoundError) as err:
+        create_runner("torch")
+    assert str(err.value) == "checkpoint model.pt not found; run `fcn-deploy train -o model.pt` first"
+    with pytest.raises(ArtifactNotFoundError) as err:
+        create_runner("ort")
+    assert str(err.value) == "ONNX model export/fcn.onnx not found; run `fcn-deploy export model.pt` first"
+    with pytest.raises(ArtifactNotFoundError, match=r"out/fcn.fp16.onnx not found; run `fcn-deploy export model.pt --fp16`"):
+        create_runner("ort-fp16", export_dir="out")
+
+
+def test_factory_builds_runners(checkpoint_path, tmp_path):
+    runner = create_runner("torch", checkpoint_path, tile_hw=SMALL)
+    assert isinstance(runner, TorchRunner) and runner.precision == "fp32" and not runner.is_active
+    ort = create_runner("ort-fp16", tmp_path / "m.onnx")
+    assert isinstance(ort, OnnxRuntimeRunner) and ort.name == "ort-fp16" and ort.providers == ("cpu",)
+    gpu = create_runner("ort", tmp_path / "m.onnx", device="cuda:1")
+    assert gpu.providers == ("cuda",) and gpu._device_id == 1
+    assert create_runner("ort", tmp_path / "m.onnx", threads=1, providers=("cpu",)).threads == 1
+    with pytest.raises(UsageError, match="use --backend ort-fp16 for fp16"):
+        create_runner("ort", tmp_path / "m.onnx", precision="fp16")
+    with pytest.raises(UsageError, match="--device must be"):
+        create_runner("ort", tmp_path / "m.onnx", device="gpu")
+
+
+# -- CUDA (skipped without a GPU) ------------------------------------------------------------
+@pytest.mark.gpu
+def test_torch_cuda_fp32_matches_cpu_and_fp16_agrees(checkpoint_path):
+    x = _tiles(4, hw=(320, 480), seed=3)
+    with TorchRunner(checkpoint_path) as cpu:
+        ref = cpu.infer(x)
+    tf32_before = torch.backends.cudnn.conv.fp32_precision
+    with TorchRunner(checkpoint_path, device="cuda") as gpu:
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        first = gpu.infer(x[:2])
+        second = gpu.infer(x[2:])  # same pinned buffer: ``first`` must not alias it
+        logits = gpu.infer(x)  # grows the buffer
+        labels = gpu.infer(x, output="labels")
+        assert np.abs(first - ref[:2]).max() <= 1e-3 and np.abs(second - ref[2:]).max() <= 1e-3
+        staged = gpu.stage(x)
+        assert staged.is_cuda
+        gpu.run_staged(staged)
+    assert torch.backends.cudnn.conv.fp32_precision == tf32_before
+    assert logits.dtype == np.float32 and np.abs(logits - ref).max() <= 1e-3
+    np.testing.assert_array_equal(labels, argmax_labels(logits))
+    _assert_labels_agree(labels, ref, tol=2e-3)
+    for channels_last in (False, True):
+        with TorchRunner(checkpoint_path, device="cuda", precision="fp16", channels_last=channels_last) as half:
+            half_logits = half.infer(x)
+            half_labels = half.infer(x, output="labels")
+        assert half_logits.dtype == np.float16 and half_logits.shape == ref.shape
+        assert half_labels.dtype == np.uint8
+        assert (half_labels == argmax_labels(ref)).mean() >= 0.995
