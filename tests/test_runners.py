@@ -310,3 +310,13 @@ def test_torch_cuda_fp32_matches_cpu_and_fp16_agrees(checkpoint_path):
         assert half_logits.dtype == np.float16 and half_logits.shape == ref.shape
         assert half_labels.dtype == np.uint8
         assert (half_labels == argmax_labels(ref)).mean() >= 0.995
+
+
+def test_cuda_provider_disables_tf32_and_keeps_cpu_fallback():
+    from fcn_deploy.runners.onnxrt import provider_list
+
+    assert provider_list(("cpu",)) == ["CPUExecutionProvider"]
+    cuda, cpu = provider_list(("cuda",), device_id=1)
+    assert cuda == ("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}) and cpu == "CPUExecutionProvider"
+    trt, cuda, cpu = provider_list(("tensorrt", "cuda"))
+    assert trt[0] == "TensorrtExecutionProvider" and cuda[1]["use_tf32"] == 0 and cpu == "CPUExecutionProvider"
