@@ -1,0 +1,76 @@
+"""What ``infer`` writes per image, each file atomically.
+
+* ``<name>.png``: palette PNG (PIL mode "P") whose pixel values are class ids, with the class
+  colours attached as its palette (the VOC palette for VOC models);
+* ``<name>.overlay.jpg``: the photo blended half and half with the class colours;
+* ``<name>.logits.npy``: averaged logits, float16 (C, H, W), streamed into a memory map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from fcn_deploy.fileio import atomic_path
+from fcn_deploy.voc import colormap_array, voc_palette
+
+MASK_SUFFIX = ".png"
+OVERLAY_SUFFIX = ".overlay.jpg"
+LOGITS_SUFFIX = ".logits.npy"
+
+
+def output_path(output_dir: str | os.PathLike, rel_stem: str | os.PathLike, suffix: str) -> Path:
+    """``output_dir / rel_stem`` with ``suffix`` appended (``rel_stem`` may contain dots)."""
+    rel = Path(rel_stem)
+    return Path(output_dir) / rel.parent / (rel.name + suffix)
+
+
+def palette(colormap: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """768-entry PIL palette: the VOC palette with entries 0..K-1 replaced by ``colormap``."""
+    pal = voc_palette()
+    for i, rgb in enumerate(colormap or ()):
+        pal[3 * i: 3 * i + 3] = [int(v) for v in rgb]
+    return pal
+
+
+def write_mask(path: str | os.PathLike, labels: np.ndarray, pal: list[int]) -> None:
+    """Write (H, W) uint8 class ids as a palette PNG."""
+    img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    img.putpalette(pal)  # mode "L" -> "P", values unchanged
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", compress_level=1)
+
+
+def overlay_image(rgb: np.ndarray, labels: np.ndarray, colormap: Sequence[Sequence[int]]) -> np.ndarray:
+    """(H, W, 3) uint8: the mean of the photo and each pixel's class colour."""
+    colours = colormap_array(colormap)
+    lut = np.zeros((256, 3), dtype=np.uint16)
+    lut[: len(colours)] = colours
+    blended = rgb.astype(np.uint16)
+    blended += lut[labels]
+    blended >>= 1
+    return blended.astype(np.uint8)
+
+
+def write_overlay(path: str | os.PathLike, rgb: np.ndarray, labels: np.ndarray, colormap) -> None:
+    img = Image.fromarray(overlay_image(rgb, labels, colormap))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG", quality=90)
+
+
+@contextlib.contextmanager
+def logits_memmap(path: str | os.PathLike, shape: tuple[int, int, int]) -> Iterator[np.memmap]:
+    """A writable float16 ``.npy`` memory map of ``shape`` (C, H, W), renamed to ``path`` on
+    success; the disk, not RAM, holds the logits of a huge image."""
+    with atomic_path(path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        try:
+            yield arr
+            arr.flush()
+        finally:
+            del arr

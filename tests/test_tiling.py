@@ -1,0 +1,239 @@
+"""Tile grid, padding, windows, batching and the memory-bounded stitcher (pure numpy)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fcn_deploy.tiling import (
+    DEFAULT_OVERLAP,
+    Stitcher,
+    TileBatcher,
+    argmax_classes,
+    axis_origins,
+    extract_tile,
+    pad_tile,
+    plan_tiles,
+    tile_window,
+)
+from fcn_deploy.voc import TILE_HW
+
+
+def _coverage(grid) -> np.ndarray:
+    count = np.zeros((grid.height, grid.width), dtype=np.int32)
+    for i in range(grid.count):
+        y0, y1, x0, x1 = grid.box(i)
+        count[y0:y1, x0:x1] += 1
+    return count
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    height=st.integers(1, 1500),
+    width=st.integers(1, 1500),
+    th=st.sampled_from([32, 64, 96, 320]),
+    tw=st.sampled_from([32, 96, 128, 480]),
+    overlap_frac=st.floats(0, 0.95),
+)
+def test_tiles_cover_every_pixel_with_min_overlap(height, width, th, tw, overlap_frac):
+    overlap = int(overlap_frac * (min(th, tw) - 1))
+    grid = plan_tiles(height, width, (th, tw), overlap)
+    assert _coverage(grid).min() >= 1
+    for length, tile, origins in ((height, th, grid.ys), (width, tw, grid.xs)):
+        assert origins[0] == 0
+        assert list(origins) == sorted(set(origins))
+        assert origins[-1] == max(0, length - tile)  # the last tile ends at the border
+        steps = np.diff(origins)
+        assert (steps <= tile - overlap).all()  # neighbours overlap by at least `overlap`
+        if tile - overlap >= 32:
+            assert all(o % 32 == 0 for o in origins[:-1])  # aligned with the stride-32 features
+    assert grid.padded_hw == (max(height, th), max(width, tw))
+
+
+def test_grid_examples():
+    grid = plan_tiles(1, 1)
+    assert (grid.count, grid.box(0), grid.padded_hw) == (1, (0, 1, 0, 1), TILE_HW)
+    grid = plan_tiles(640, 960, TILE_HW, 128)
+    assert grid.ys == (0, 160, 320) and grid.xs == (0, 256, 480)
+    assert plan_tiles(320, 480).count == 1
+    assert axis_origins(1000, 320, 0) == (0, 224, 448, 680)  # evenly spread, snapped to 32
+
+
+@pytest.mark.parametrize("overlap", [-1, 320])
+def test_bad_overlap(overlap):
+    with pytest.raises(ValueError, match="overlap"):
+        plan_tiles(1000, 1000, TILE_HW, overlap)
+
+
+def test_pad_tile_modes_and_extract():
+    crop = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    const = pad_tile(crop, (5, 6), "constant")
+    assert const.shape == (2, 5, 6)
+    np.testing.assert_array_equal(const[:, :3, :4], crop)
+    assert not const[:, 3:].any() and not const[:, :, 4:].any()
+    refl = pad_tile(crop, (5, 6), "reflect")
+    np.testing.assert_array_equal(refl[:, 3, :4], crop[:, 1])  # mirrored about the last row
+    one = pad_tile(np.full((3, 1, 1), 7, np.float32), (4, 4), "reflect")
+    assert (one == 7).all()
+    image = np.random.default_rng(0).random((3, 50, 70)).astype(np.float32)
+    grid = plan_tiles(50, 70, (32, 64), 16)
+    for i in range(grid.count):
+        y0, y1, x0, x1 = grid.box(i)
+        tile = extract_tile(image, grid, i)
+        assert tile.shape == (3, 32, 64) and tile.dtype == np.float32
+        np.testing.assert_array_equal(tile[:, : y1 - y0, : x1 - x0], image[:, y0:y1, x0:x1])
+
+
+def test_windows():
+    np.testing.assert_array_equal(tile_window((4, 6), "uniform"), np.ones((4, 6), np.float32))
+    w = tile_window((32, 48), "hann", floor=0.01)
+    assert w.dtype == np.float32 and w.min() > 0 and w.max() <= 1
+    assert w[16, 24] > 0.99 and w[0, 0] < 0.02  # weight falls toward the tile edges
+    flat = tile_window((32, 48), "hann", floor=0.01, borders=(True, False, False, False))
+    assert (flat[:16, 24] == flat[0, 24]).all() and flat[0, 24] > 0.99  # no taper at an image border
+    assert flat[-1, 24] < 0.02
+    with pytest.raises(ValueError, match="window"):
+        tile_window((4, 4), "gauss")
+
+
+def test_argmax_classes_matches_numpy_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (21, 30, 40)).astype(np.float32)  # many ties
+    labels = argmax_classes(scores)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.argmax(scores, axis=0))
+    scores[3, 0, 0] = np.nan
+    assert argmax_classes(scores)[0, 0] == 255  # NaN logits: void, not a class
+
+
+@pytest.mark.parametrize("window", ["uniform", "hann"])
+@pytest.mark.parametrize("hw", [(1, 1), (20, 30), (64, 96), (150, 97), (257, 333)])
+def test_identical_overlaps_average_to_the_input(window, hw):
+    """Tiles cut from one logit map F stitch back to exactly F, padding never leaking in."""
+    h, w = hw
+    rng = np.random.default_rng(h * w)
+    full = rng.standard_normal((5, h, w)).astype(np.float32)
+    grid = plan_tiles(h, w, (64, 96), 32)
+    out = np.zeros((5, h, w), np.float32)
+    stitcher = Stitcher(grid, 5, window, logits_out=out)
+    for i in range(grid.count):
+        y0, y1, x0, x1 = grid.box(i)
+        tile = np.full((5, 64, 96), 1e6, np.float32)  # padding: would win every argmax
+        tile[:, : y1 - y0, : x1 - x0] = full[:, y0:y1, x0:x1]
+        stitcher.add(i, tile.astype(np.float16) if i % 2 else tile)
+    labels = stitcher.labels()
+    assert labels.shape == (h, w) and labels.dtype == np.uint8
+    np.testing.assert_allclose(out, full, rtol=0, atol=5e-3)  # odd tiles went as float16
+    assert (labels == full.argmax(0)).mean() > 0.999
+
+
+def test_uniform_average_is_exact_for_float32():
+    rng = np.random.default_rng(1)
+    full = rng.standard_normal((3, 100, 150)).astype(np.float32)
+    grid = plan_tiles(100, 150, (64, 96), 48)
+    out = np.zeros_like(full)
+    stitcher = Stitcher(grid, 3, "uniform", logits_out=out)
+    for i in range(grid.count):
+        y0, y1, x0, x1 = grid.box(i)
+        stitcher.add(i, extract_tile(full, grid, i))
+    np.testing.assert_allclose(out, full, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(stitcher.labels(), full.argmax(0))
+
+
+def test_overlaps_are_averaged():
+    """Two tiles disagreeing on the overlap: uniform gives the mean there."""
+    grid = plan_tiles(64, 96, (64, 64), 32)
+    assert grid.xs == (0, 32)
+    out = np.zeros((2, 64, 96), np.float32)
+    stitcher = Stitcher(grid, 2, "uniform", logits_out=out)
+    stitcher.add(0, np.full((2, 64, 64), 1.0, np.float32))
+    stitcher.add(1, np.full((2, 64, 64), 3.0, np.float32))
+    np.testing.assert_allclose(out[:, :, :32], 1.0)
+    np.testing.assert_allclose(out[:, :, 32:64], 2.0)
+    np.testing.assert_allclose(out[:, :, 64:], 3.0)
+
+
+def test_stitcher_rejects_misuse():
+    grid = plan_tiles(200, 100, (64, 96), 32)
+    stitcher = Stitcher(grid, 3)
+    tile = np.zeros((3, 64, 96), np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        stitcher.add(0, np.zeros((3, 64, 95), np.float32))
+    with pytest.raises(ValueError, match="not added"):
+        stitcher.labels()
+    with pytest.raises(ValueError, match="arrived before"):
+        stitcher.add(grid.cols * 2, tile)
+    for i in range(grid.cols * 2):
+        stitcher.add(i, tile)
+    with pytest.raises(ValueError, match="twice|finalised"):
+        stitcher.add(0, tile)
+    with pytest.raises(ValueError, match="num_classes"):
+        Stitcher(grid, 300)
+
+
+def test_stitcher_memory_is_bounded_on_8000x8000():
+    """8000x8000, 21 classes: a full float32 logit buffer would be 5.4 GB; the stitcher holds
+    one 320-row band (215 MB) plus the uint8 labels (64 MB), and finalises rows as it goes."""
+    h = w = 8000
+    grid = plan_tiles(h, w, TILE_HW, DEFAULT_OVERLAP)
+    tile = np.zeros((21, *TILE_HW), np.float16)
+    tile[7] = 1.0  # constant logits: class 7 everywhere
+    full_bytes = 21 * h * w * 4
+    tracemalloc.start()
+    try:
+        stitcher = Stitcher(grid, 21, "hann")
+        for i in range(3 * grid.cols + 1):  # three tile rows and the first tile of the fourth
+            stitcher.add(i, tile)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stitcher.band.shape == (21, TILE_HW[0], w) and stitcher.weight.shape == (TILE_HW[0], w)
+    assert stitcher.buffer_bytes < full_bytes / 15
+    assert peak < full_bytes / 12, f"peak {peak / 1e6:.0f} MB"
+    assert stitcher.rows_done == grid.ys[3]  # rows above the fourth tile row are final
+    assert (stitcher._labels[: grid.ys[3]] == 7).all()
+
+
+def test_stitcher_streams_rows_of_a_tall_image(tmp_path):
+    h, w = 5000, 300
+    grid = plan_tiles(h, w, (64, 96), 32)
+    out = np.lib.format.open_memmap(  # streamed logits need no RAM buffer either
+        str(tmp_path / "logits.npy"), mode="w+", dtype=np.float16, shape=(3, h, w)
+    )
+    stitcher = Stitcher(grid, 3, "hann", logits_out=out)
+    rows_seen = []
+    for i in range(grid.count):
+        x = np.zeros((3, 64, 96), np.float32)
+        x[(grid.origin(i)[0] // 64) % 3] = 1.0  # the class depends on the tile row
+        stitcher.add(i, x)
+        rows_seen.append(stitcher.rows_done)
+    assert rows_seen == sorted(rows_seen) and rows_seen[grid.cols] > 0
+    labels = stitcher.labels()
+    assert labels.shape == (h, w)
+    assert (np.asarray(out).argmax(0) == labels).mean() > 0.999  # float16 may round near-ties
+    assert set(np.unique(labels)) == {0, 1, 2}
+
+
+def test_batcher_packs_tiles_of_several_images():
+    batcher = TileBatcher(3, (1, 2, 2))
+    batches = []
+    for image, n in (("a", 2), ("b", 5)):
+        for i in range(n):
+            batcher.slot()[...] = i
+            batch = batcher.commit((image, i))
+            if batch is not None:
+                batches.append(batch)
+    last = batcher.flush()
+    assert last is not None and batcher.flush() is None
+    batches.append(last)
+    assert [b.keys for b in batches] == [
+        [("a", 0), ("a", 1), ("b", 0)], [("b", 1), ("b", 2), ("b", 3)], [("b", 4)]
+    ]
+    assert batches[2].tiles.shape == (1, 1, 2, 2)
+    assert batches[0].tiles.shape == (3, 1, 2, 2)
+    assert [float(t[0, 0, 0]) for t in batches[1].tiles] == [1, 2, 3]
+    assert batches[0].tiles is not batches[1].tiles  # fresh buffer per batch
