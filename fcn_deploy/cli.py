@@ -43,21 +43,208 @@ def cli() -> None:
 
 # --- data and training (fcn_deploy.voc, fcn_deploy.train) -------------------------------
 # [cli:train]
+@cli.command("synth-voc")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--num-images", type=click.IntRange(min=2), default=24, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite a dataset already there.")
+def synth_voc_cmd(directory, num_images, seed, force) -> None:
+    """Write a synthetic VOC-format dataset to DIRECTORY/VOCdevkit/VOC2012."""
+    from fcn_deploy.voc import list_split, write_synthetic_voc
+
+    voc = write_synthetic_voc(directory, num_images=num_images, seed=seed, force=force)
+    n_train, n_val = len(list_split(voc, "train")), len(list_split(voc, "val"))
+    click.echo(f"wrote {num_images} images ({n_train} train, {n_val} val) to {voc}")
+
+
+@cli.command("train")
+@click.option("--voc-root", required=True, type=click.Path(), help="VOCdevkit/VOC2012 folder (or a folder holding VOCdevkit/).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (history: <stem>.history.json beside it).")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Total epochs (with --resume: including those done).")
+@click.option("--lr", type=float, default=0.001, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--crop", default="320x480", show_default=True, help="Training crop HxW, multiples of 32.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint's last epoch.")
+@click.option("--backbone-weights", type=click.Path(dir_okay=False), help="torchvision ResNet-18 ImageNet weights file.")
+@click.option("--pretrained", is_flag=True, help="ResNet-18 ImageNet weights from torchvision's local cache.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-train-images", type=click.IntRange(min=1), help="Use only the first N usable training images.")
+@click.option("--force", is_flag=True, help="Overwrite an existing checkpoint.")
+def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, device, resume, backbone_weights, pretrained, num_workers, seed, max_train_images, force) -> None:
+    """Train the FCN on a VOC-format dataset (the chapter's defaults)."""
+    from fcn_deploy.train import history_path, parse_hw, train
+
+    history = train(voc_root, output, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                    crop_hw=parse_hw(crop, "--crop"), device=device, resume=resume, backbone_weights=backbone_weights,
+                    pretrained=pretrained, num_workers=num_workers, seed=seed, force=force, max_train_images=max_train_images)
+    last = history[-1] if history else {}
+    scores = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_miou", "val_pixel_acc") if last.get(k) is not None)
+    click.echo(f"{len(history)} epochs ({scores}); wrote {output} and {history_path(output)}")
 
 # --- export (fcn_deploy.export) -----------------------------------------------------------
 # [cli:export]
+@cli.command("export")
+@click.argument("checkpoint", default="model.pt", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default="export/fcn.onnx", show_default=True, type=click.Path(dir_okay=False), help="ONNX to write; its metadata sidecar is <stem>.json.")
+@click.option("--height", type=int, default=320, show_default=True, help="Tile height, a multiple of 32.")
+@click.option("--width", type=int, default=480, show_default=True, help="Tile width, a multiple of 32.")
+@click.option("--batch", type=int, help="Fix the batch size (default: a dynamic 'batch' dimension).")
+@click.option("--opset", type=int, help="ONNX opset (default: fcn_deploy.export.DEFAULT_OPSET, 18).")
+@click.option("--fp16", is_flag=True, help="Also write the strongly typed FP16 ONNX <stem>.fp16.onnx (+ .json).")
+@click.option("--keep-fp32", multiple=True, help="With --fp16: op type or node name kept in float32 (repeatable).")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-reference verification.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32, no_verify, force) -> None:
+    """Export CHECKPOINT (default model.pt) to ONNX, check the graph and verify it."""
+    from fcn_deploy.export import DEFAULT_OPSET, export_artifacts
+
+    reports = export_artifacts(
+        checkpoint, output, fp16=fp16, keep_fp32=keep_fp32, height=height, width=width, batch=batch,
+        opset=DEFAULT_OPSET if opset is None else opset, force=force, verify=not no_verify,
+    )
+    for report in reports:
+        click.echo(report.summary())
 
 # --- TensorRT engines (fcn_deploy.engine) -------------------------------------------------
 # [cli:engine]
+@cli.command("build-engine")
+@click.argument("onnx", default="export/fcn.onnx", type=click.Path(dir_okay=False))
+@click.option("--fp16/--fp32", "fp16", default=True, show_default=True, help="FP16 builds from <onnx stem>.fp16.onnx (made beside the ONNX if absent or stale).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine path (default: engines/<name showing precision, TensorRT, GPU or portable>).")
+@click.option("--trt", "flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto", show_default=True, help="auto: TensorRT if installed, else TensorRT-RTX.")
+@click.option("--workspace", type=click.IntRange(min=1), help="Workspace memory limit in MiB.")
+@click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--opt-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--labels-output", is_flag=True, help="Also output uint8 class indices 'labels' (argmax on the GPU).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file reused across builds (TensorRT only).")
+@click.option("--force", is_flag=True, help="Overwrite an existing engine.")
+def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batch, max_batch, labels_output, timing_cache, force) -> None:
+    """Build a TensorRT engine (+ JSON sidecar) from ONNX (default export/fcn.onnx)."""
+    from fcn_deploy.engine import build_engine
+
+    report = build_engine(
+        onnx, output, precision="fp16" if fp16 else "fp32", flavour=flavour, workspace_mib=workspace,
+        min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache,
+        labels_output=labels_output, force=force,
+    )
+    click.echo(report.summary())
+
 
 # --- inference (fcn_deploy.infer) ---------------------------------------------------------
 # [cli:infer]
+@cli.command("infer")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", default="predictions", show_default=True, type=click.Path(file_okay=False), help="Output folder; names mirror the input tree.")
+@click.option("--backend", type=click.Choice(["ort", "ort-fp16", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per call, across images.")
+@click.option("--overlap", type=click.IntRange(min=0), default=128, show_default=True, help="Minimum overlap of neighbouring tiles in pixels.")
+@click.option("--window", type=click.Choice(["hann", "uniform"]), default="hann", show_default=True, help="Weighting of overlapping logits.")
+@click.option("--overlay", is_flag=True, help="Also write <name>.overlay.jpg (photo blended with class colours).")
+@click.option("--save-logits", is_flag=True, help="Also write <name>.logits.npy, float16 (C, H, W).")
+@click.option("--skip-existing", is_flag=True, help="Skip images whose mask exists (resume a run).")
+@click.option("--workers", type=click.IntRange(min=1), help="Decode/encode threads (default: min(4, CPUs)).")
+def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, workers) -> None:
+    """Segment images of any size (files or folders, recursively) into palette PNG masks."""
+    from fcn_deploy.infer import run_inference
+    from fcn_deploy.runners import create_runner
+
+    summary = run_inference(
+        paths, output, runner=create_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,
+        window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing, workers=workers,
+    )
+    for _, message in summary.failed:
+        click.echo(f"failed: {message}", err=True)
+    click.echo(summary.format())
+    sys.exit(1 if summary.failed else 0)
 
 # --- parity, evaluation, benchmarks (fcn_deploy.parity, fcn_deploy.evaluate, fcn_deploy.bench)
 # [cli:check]
+@cli.command("check")
+@click.option("--backend", "backends", multiple=True, default=("all",), show_default=True, help="ort, ort-fp16, trt or all (every built one); repeatable or comma-separated.")
+@click.option("--model", default="model.pt", show_default=True, type=click.Path(dir_okay=False), help="Checkpoint of the float32 PyTorch reference (CPU).")
+@click.option("--export-dir", default="export", show_default=True, type=click.Path(file_okay=False))
+@click.option("--engines-dir", default="engines", show_default=True, type=click.Path(file_okay=False))
+@click.option("--images", type=click.Path(file_okay=False), help="Draw tiles from the photos in this folder.")
+@click.option("--voc-root", type=click.Path(), help="Draw tiles from this VOC2012 val split (with labels).")
+@click.option("--synthetic", type=click.IntRange(min=2), help="Draw tiles from N generated images with labels (the default, N=8).")
+@click.option("--max-tiles", type=click.IntRange(min=1), default=32, show_default=True, help="Tiles drawn, spread over the images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--threshold", "thresholds", multiple=True, metavar="PREC.METRIC=VALUE", help="Override a limit (repeatable), e.g. fp16.agreement=99 or fp32.max_abs=off. Metrics: agreement, max_abs, mean_abs, p99_abs, cosine_min, miou_vs_reference, miou_gt_change.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--disagreement-dir", type=click.Path(file_okay=False), help="Disagreement map PNGs of the worst tiles (default: <report>-disagreement/ or check/).")
+@click.option("--device", default="cpu", show_default=True, help="Device of the backends (the reference runs on the CPU).")
+@click.option("--strict", is_flag=True, help="A requested backend that cannot be checked (missing, stale) is an error.")
+@click.option("--force", is_flag=True, help="Overwrite --report.")
+def check_cmd(backends, model, export_dir, engines_dir, images, voc_root, synthetic, max_tiles, batch_size, thresholds, report, disagreement_dir, device, strict, force) -> None:
+    """Parity of each backend against the float32 PyTorch reference, on the same tiles."""
+    from fcn_deploy.parity import check
+
+    check(backends, model=model, export_dir=export_dir, engines_dir=engines_dir, images=images, voc_root=voc_root,
+          synthetic=synthetic, thresholds=list(thresholds), report=report, disagreement_dir=disagreement_dir,
+          strict=strict, batch_size=batch_size, max_tiles=max_tiles, device=device, force=force,
+          echo=click.echo, progress=True)
+
+
+@cli.command("evaluate")
+@click.option("--voc-root", required=True, type=click.Path(), help="VOCdevkit/VOC2012 folder (or a folder holding VOCdevkit/).")
+@click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt")
+@click.option("--backend", type=click.Choice(["torch", "ort", "ort-fp16", "trt"]), default="ort", show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per call.")
+@click.option("--overlap", type=click.IntRange(min=0), help="Minimum tile overlap in pixels (default: the infer default).")
+@click.option("--max-images", type=click.IntRange(min=1), help="Only the first N images of the split.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.option("--grid", type=click.Path(dir_okay=False), help="Write a prediction grid PNG (photo / prediction / label).")
+@click.option("--force", is_flag=True, help="Overwrite --report and --grid.")
+def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, max_images, report, grid, force) -> None:
+    """Pixel accuracy, class accuracy, per-class IoU and mIoU of whole images (tiled inference)."""
+    from fcn_deploy.evaluate import evaluate
+
+    evaluate(voc_root, split=split, backend=backend, model=model, device=device, batch_size=batch_size,
+             overlap=overlap, report=report, grid=grid, max_images=max_images, force=force, echo=click.echo,
+             progress=True)
+
+
+@cli.command("bench")
+@click.option("--backend", type=click.Choice(["torch", "ort", "ort-fp16", "trt"]), default="ort", show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated tiles per call.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=20, show_default=True, help="Timed calls per batch size (fewer once --max-seconds have passed, at least 3).")
+@click.option("--max-seconds", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Stop a batch size's timed runs after this long.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="torch/trt precision (ort: the ONNX decides).")
+@click.option("--images", type=click.Path(file_okay=False), help="Also time the whole infer pipeline on this folder.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite --report.")
+def bench_cmd(backend, model, batch_sizes, warmup, iterations, max_seconds, device, precision, images, report, force) -> None:
+    """Latency (min/p50/p90/p99) and throughput (tiles/s) of one backend per batch size."""
+    from fcn_deploy.bench import bench, parse_batch_sizes
+
+    bench(backend, model, batch_sizes=parse_batch_sizes(batch_sizes), warmup=warmup, iterations=iterations,
+          max_seconds=max_seconds, device=device, precision=precision, images=images, report=report,
+          force=force, echo=click.echo)
+
 
 # --- demo (fcn_deploy.demo) -----------------------------------------------------------------
 # [cli:demo]
+@cli.command("demo")
+@click.option("--workdir", default="demo-work", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and picture.")
+@click.option("--num-images", type=click.IntRange(min=4), default=24, show_default=True, help="Synthetic images written.")
+@click.option("--epochs", type=click.IntRange(min=1), default=4, show_default=True, help="Training epochs (CPU, crop 160x224).")
+@click.option("--force", is_flag=True, help="Use a non-empty --workdir the demo did not write.")
+def demo_cmd(workdir, num_images, epochs, force) -> None:
+    """The whole pipeline offline on the CPU: data, train, export, engine, infer, check, evaluate."""
+    from fcn_deploy.demo import DemoSettings, run_demo
+
+    run_demo(workdir, DemoSettings(num_images=num_images, epochs=epochs), force=force, echo=click.echo)
 
 
 def main() -> None:
