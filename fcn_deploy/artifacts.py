@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fcn_deploy import __version__
-from fcn_deploy.errors import ArtifactNotFoundError, ExportError
+from fcn_deploy.errors import ArtifactNotFoundError, ExportError, first_line
 from fcn_deploy.fileio import sha256_file
 
 #: ``metadata_props`` key holding the metadata as JSON.
@@ -146,5 +146,4 @@ def load_onnx(path: str | os.PathLike):
     try:
         return onnx.load(path)
     except (DecodeError, ValueError, OSError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"{path} is not a readable ONNX model ({first})") from None
+        raise ExportError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None

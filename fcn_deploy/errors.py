@@ -4,6 +4,13 @@ the CLI prints ``error: <message>`` on one line and exits with :attr:`exit_code`
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """First non-empty line of ``exc``'s message (at most ``limit`` characters), or its type name:
+    what a one-line error may quote of a third-party exception."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 class FcnDeployError(Exception):
     """Root of every error this package raises on purpose (bad input, missing artifact, ...)."""
 

@@ -35,7 +35,7 @@ from fcn_deploy.artifacts import (
     read_artifact_meta,
     sidecar_path,
 )
-from fcn_deploy.errors import ExportError, UsageError, VerificationError
+from fcn_deploy.errors import ExportError, UsageError, VerificationError, first_line
 from fcn_deploy.fileio import atomic_path, check_writable, write_json_atomic
 
 __all__ = [
@@ -230,7 +230,7 @@ def _torch_export(model, height: int, width: int, batch: int | None, opset: int)
             )
             proto = program.model_proto
     except Exception as exc:  # the exporter raises many types; report its first line
-        raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+        raise ExportError(f"torch.onnx.export failed: {first_line(exc)}") from None
     written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
     if written != {opset}:
         raise ExportError(f"the exporter wrote opset {sorted(written)} instead of --opset {opset}")
@@ -275,13 +275,9 @@ def check_graph(
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"graph check 'onnx.checker' failed: {_first_line(exc)}") from None
+        raise ExportError(f"graph check 'onnx.checker' failed: {first_line(exc)}") from None
     _check_io_shapes(model, height, width, num_classes)
     _check_transpose_conv(model, num_classes, transpose_weight)
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _check_io_shapes(model, height: int, width: int, num_classes: int) -> None:
@@ -302,7 +298,7 @@ def _check_io_shapes(model, height: int, width: int, num_classes: int) -> None:
     try:
         inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=True)
     except onnx.shape_inference.InferenceError as exc:
-        raise ExportError(f"graph check 'shape inference' failed: {_first_line(exc)}") from None
+        raise ExportError(f"graph check 'shape inference' failed: {first_line(exc)}") from None
     got = onnx_io(inferred)["outputs"][0]
     expected = [image["shape"][0], num_classes, height, width]
     declared = io_spec["outputs"][0]
@@ -436,7 +432,7 @@ def run_onnx(model, tiles: np.ndarray, batch: int) -> np.ndarray:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         out = [session.run([OUTPUT_NAME], {INPUT_NAME: tiles[i:i + batch]})[0] for i in range(0, len(tiles), batch)]
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ExportError(f"onnxruntime {ort.__version__} cannot run the model: {_first_line(exc)}") from None
+        raise ExportError(f"onnxruntime {ort.__version__} cannot run the model: {first_line(exc)}") from None
     return np.concatenate(out).astype(np.float32)
 
 

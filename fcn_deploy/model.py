@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fcn_deploy import __version__
-from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError
+from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError, first_line
 from fcn_deploy.fileio import atomic_path
 from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOC_COLORMAP
 
@@ -114,8 +114,7 @@ def load_backbone_weights(trunk: nn.Module, path: str | os.PathLike) -> None:
     try:
         trunk.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path} is not a torchvision ResNet-18 state dict: {first}") from None
+        raise CheckpointError(f"{path} is not a torchvision ResNet-18 state dict: {first_line(exc)}") from None
 
 
 def _torch_load(path: Path) -> Any:
@@ -123,16 +122,14 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"{path} holds pickled Python objects, which fcn-deploy refuses to execute "
                 "(torch.load weights_only=True); save a state dict instead"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {first_line(exc)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({reason})") from None
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({first_line(exc)})") from None
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> None:

@@ -29,6 +29,7 @@ from fcn_deploy.errors import (
     ExportError,
     InputMismatchError,
     UsageError,
+    first_line,
 )
 from fcn_deploy.runners.base import Output, Runner, TensorSpec, argmax_labels
 
@@ -164,7 +165,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             model = onnx.load(str(self.path))
         except Exception as exc:  # DecodeError, missing external data, ...
-            raise ExportError(f"{self.path} is not a readable ONNX model: {_first_line(exc)}") from None
+            raise ExportError(f"{self.path} is not a readable ONNX model: {first_line(exc)}") from None
         spec = self._check_io(model)
         from fcn_deploy.artifacts import meta_from_model
 
@@ -188,7 +189,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
-            raise ExportError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
+            raise ExportError(f"onnxruntime cannot load {self.path}: {first_line(exc)}") from None
         self.input_spec = spec
         self.max_batch = spec.shape[0] if spec.shape[0] > 0 else None
         meta["tile_hw"] = [spec.shape[2], spec.shape[3]]
@@ -295,6 +296,3 @@ def _append_argmax(model, logits: str) -> str:
     return labels
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
