@@ -25,6 +25,8 @@ Sidecar ``<engine>.json`` (``format`` "fcn-deploy-engine")::
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import importlib
 import json
@@ -34,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from fcn_deploy import __version__
 from fcn_deploy.errors import (
@@ -395,6 +397,26 @@ class EngineReport:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect garbage first, then keep Python's cyclic collector off while TensorRT runs
+    (a context manager, also usable as a decorator: ``@gc_paused()``).
+
+    TensorRT calls back into Python (the logger) while it holds internal locks. A collection
+    triggered inside such a callback can free a builder left over from an earlier build, whose
+    destructor waits on that same lock: seen as a deadlock inside ``createInferBuilder`` on
+    TensorRT-RTX 1.7 when a failed build's objects were still waiting for the collector.
+    """
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def collecting_logger(trt: ModuleType):
     """A TensorRT ``ILogger`` that keeps errors (for our messages) and forwards warnings to logging."""
 
@@ -477,6 +499,7 @@ def _check_build_args(precision, workspace_mib, min_batch, opt_batch, max_batch)
         raise UsageError(f"--workspace must be at least 1 MiB, not {workspace_mib}")
 
 
+@gc_paused()
 def build_engine(
     onnx_path: str | Path = "export/fcn.onnx",
     output: str | Path | None = None,

@@ -337,3 +337,36 @@ def test_cli_tensorrt_not_installed(monkeypatch, tmp_path):
     result = CliRunner().invoke(cli, ["build-engine", str(tmp_path / "fcn.onnx"), "--trt", "tensorrt"])
     assert result.exit_code == 2
     assert "error: TensorRT is not installed" in result.output and "fcn-deploy[trt]" in result.output
+
+
+def test_gc_paused_collects_first_and_restores_the_collector():
+    import gc
+
+    from fcn_deploy.engine import gc_paused
+
+    class Cycle:
+        pass
+
+    a = Cycle()
+    a.self = a
+    del a
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        assert not any(type(o) is Cycle for o in gc.get_objects())  # collected on entry
+
+    @gc_paused()
+    def fails():
+        assert not gc.isenabled()
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        fails()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # left as found
+    finally:
+        gc.enable()

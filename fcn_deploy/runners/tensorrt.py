@@ -32,6 +32,7 @@ from fcn_deploy.engine import (
     TRT_TO_NUMPY,
     check_engine_file,
     collecting_logger,
+    gc_paused,
     current_onnx_sha256,
     engine_mismatch,
     gpu_info,
@@ -204,6 +205,7 @@ class TensorRTRunner(Runner):
         cuda.Context.pop()
         self.meta = {k: sidecar[k] for k in (*META_KEYS, "precision") if k in sidecar}
 
+    @gc_paused()
     def _load(self, trt, sidecar: dict[str, Any]) -> None:
         """Deserialise, create context + stream, allocate buffers once (context current)."""
         cuda = self._cuda
