@@ -237,8 +237,8 @@ def bench_cmd(backend, model, batch_sizes, warmup, iterations, max_seconds, devi
 # [cli:demo]
 @cli.command("demo")
 @click.option("--workdir", default="demo-work", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and picture.")
-@click.option("--num-images", type=click.IntRange(min=4), default=24, show_default=True, help="Synthetic images written.")
-@click.option("--epochs", type=click.IntRange(min=1), default=4, show_default=True, help="Training epochs (CPU, crop 160x224).")
+@click.option("--num-images", type=click.IntRange(min=4), default=32, show_default=True, help="Synthetic images written.")
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True, help="Training epochs (CPU, crop 160x224).")
 @click.option("--force", is_flag=True, help="Use a non-empty --workdir the demo did not write.")
 def demo_cmd(workdir, num_images, epochs, force) -> None:
     """The whole pipeline offline on the CPU: data, train, export, engine, infer, check, evaluate."""

@@ -25,8 +25,8 @@ MARKER = ".fcn-deploy-demo"
 class DemoSettings:
     """Sizes of the demo run; the defaults take a few minutes on 2 CPU cores."""
 
-    num_images: int = 24
-    epochs: int = 4
+    num_images: int = 32
+    epochs: int = 8
     crop_hw: tuple[int, int] = (160, 224)
     batch_size: int = 8
     lr: float = 0.003
