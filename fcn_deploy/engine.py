@@ -43,6 +43,7 @@ from fcn_deploy.errors import (
     ArtifactNotFoundError,
     BackendUnavailableError,
     EngineError,
+    StaleArtifactError,
     UsageError,
 )
 from fcn_deploy.fileio import check_writable, sha256_file, write_bytes_atomic, write_json_atomic
@@ -256,6 +257,10 @@ def rebuild_hint(sidecar: dict[str, Any]) -> str:
     return f"fcn-deploy build-engine {source} --{sidecar.get('precision', 'fp16')} --trt {flavour} --force"
 
 
+#: Prefix of the :func:`engine_mismatch` reason of an engine that fits but descends from an old ONNX.
+STALE = "stale: "
+
+
 def engine_mismatch(
     sidecar: dict[str, Any],
     machine: dict[str, Any],
@@ -298,7 +303,7 @@ def engine_mismatch(
         sidecar["source"]["sha256"],
     ):
         return (
-            f"stale: built from an ONNX with sha256 {sidecar['source']['sha256'][:12]}, "
+            f"{STALE}built from an ONNX with sha256 {sidecar['source']['sha256'][:12]}, "
             f"the current one is {onnx_sha256[:12]}"
         )
     return None
@@ -328,7 +333,8 @@ def find_engine(
     given; else from the export its sidecar names, when that file still exists). Among fitting
     engines FP16 beats FP32, a GPU-specific build beats a portable one, then the newest wins.
 
-    Raises :class:`EngineError` listing every engine and why it does not fit.
+    Raises :class:`EngineError` listing every engine and why it does not fit
+    (:class:`StaleArtifactError` when one of them only fails for descending from an old ONNX).
     """
     if precision is not None and precision not in PRECISIONS:
         raise UsageError(f"precision must be fp16 or fp32, not {precision!r}")
@@ -342,6 +348,7 @@ def find_engine(
     shas: dict[str, str | None] = {}
     fitting: list[tuple[tuple, Path]] = []
     reasons: list[str] = []
+    stale = False
     for engine in engines:
         try:
             sidecar = read_sidecar(engine)
@@ -358,11 +365,12 @@ def find_engine(
             fitting.append((rank, engine))
         else:
             reasons.append(f"{engine.name}: {reason}")
+            stale = stale or reason.startswith(STALE)
     if fitting:
         return max(fitting, key=lambda item: item[0])[1]
     gpu = machine.get("gpu")
     here = f"{gpu['name']} {cc_tag(gpu['compute_capability'])}" if gpu else f"no GPU: {machine.get('gpu_error')}"
-    raise EngineError(
+    raise (StaleArtifactError if stale else EngineError)(
         f"no engine in {engines_dir}/ fits this machine ({here}): " + "; ".join(reasons)
         + "; build one here with: fcn-deploy build-engine --fp16"
     )

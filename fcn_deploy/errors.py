@@ -59,5 +59,10 @@ class EngineError(FcnDeployError):
     """A TensorRT engine cannot be built, is stale, or does not fit this GPU / TensorRT version."""
 
 
+class StaleArtifactError(EngineError):
+    """An artifact descends from a parent that has changed since (e.g. an engine built from an
+    older ONNX): rebuild it."""
+
+
 class InputMismatchError(FcnDeployError):
     """A runner was fed a tensor of the wrong name, dtype or shape."""

@@ -39,6 +39,7 @@ from fcn_deploy.errors import (
     EngineError,
     ExportError,
     ImageReadError,
+    StaleArtifactError,
     UsageError,
     VerificationError,
 )
@@ -642,7 +643,7 @@ def _open_backends(names: list[str], wants_all: bool, model: Path, export_dir: P
             # missing / unavailable (not built, no GPU): tolerated under ``all --strict``;
             # stale or unreadable: never
             kind = "missing" if isinstance(exc, ArtifactNotFoundError) else "unavailable"
-            if isinstance(exc, ExportError) or (isinstance(exc, EngineError) and "stale" in str(exc)):
+            if isinstance(exc, (ExportError, StaleArtifactError)):
                 kind = "stale"
             reason = str(exc)
         if name not in runners:

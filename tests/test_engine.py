@@ -28,6 +28,7 @@ from fcn_deploy.errors import (
     BackendUnavailableError,
     EngineError,
     ExportError,
+    StaleArtifactError,
     UsageError,
 )
 from fcn_deploy.fileio import sha256_file
@@ -142,7 +143,7 @@ def test_find_engine_explains_every_refusal(tmp_path):
     (tmp_path / "orphan.engine").write_bytes(b"plan")
     onnx = tmp_path / "fcn.onnx"
     onnx.write_bytes(b"current export")
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(StaleArtifactError) as err:
         find_engine(tmp_path, onnx_path=onnx, machine=machine("8.9", tensorrt="10.13.0.35"))
     msg = str(err.value)
     assert "fits this machine (NVIDIA GeForce RTX 3090 sm_89)" in msg
@@ -160,7 +161,7 @@ def test_find_engine_checks_the_export_named_in_the_sidecar(tmp_path):
     engine = _write_fake_engine(tmp_path, "fcn.fp16.trt-rtx-1.7.1.portable.engine", sidecar, 1)
     assert find_engine(tmp_path, machine=machine()) == engine
     onnx.write_bytes(b"export v2, re-exported after training more")
-    with pytest.raises(EngineError, match="stale"):
+    with pytest.raises(StaleArtifactError, match="stale"):
         find_engine(tmp_path, machine=machine())
 
 
@@ -172,6 +173,7 @@ def test_find_engine_without_gpu_says_why_once(tmp_path):
     msg = str(err.value)
     assert "fits this machine (no GPU: no CUDA device found)" in msg
     assert "a.engine: no GPU to run it on; b.engine: no GPU to run it on" in msg
+    assert not isinstance(err.value, StaleArtifactError)
 
 
 def test_find_engine_without_engines(tmp_path):
