@@ -34,12 +34,20 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
         Image.fromarray(rgb, "RGB").save(tmp, format="PNG")
 
 
-def disagreement_map(rgb: np.ndarray, mask: np.ndarray, dim: float = 0.35) -> np.ndarray:
+def disagreement_map(rgb: np.ndarray, mask: np.ndarray, dim: float = 0.35, halo: int = 3) -> np.ndarray:
     """(H, W, 3) uint8 photo dimmed to ``dim`` of its brightness, with the pixels where ``mask``
-    ((H, W) bool) is True painted :data:`DISAGREE_COLOR`. Returns (H, W, 3) uint8."""
+    ((H, W) bool) is True painted :data:`DISAGREE_COLOR` and, so that a few isolated pixels
+    stay visible, the pixels within ``halo`` of them half-way toward it. Returns (H, W, 3) uint8."""
     if rgb.shape[:2] != mask.shape:
         raise ValueError(f"photo {rgb.shape[:2]} and mask {mask.shape} differ in size")
-    out = (rgb.astype(np.float32) * dim).astype(np.uint8)
+    out = rgb.astype(np.float32) * dim
+    if halo > 0 and mask.any():
+        from PIL import ImageFilter
+
+        grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * halo + 1))
+        ring = (np.asarray(grown) > 0) & ~mask
+        out[ring] = 0.5 * out[ring] + 0.5 * np.asarray(DISAGREE_COLOR, dtype=np.float32)
+    out = out.astype(np.uint8)
     out[mask] = DISAGREE_COLOR
     return out
 

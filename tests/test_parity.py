@@ -301,3 +301,16 @@ def test_photo_folder_source_pads_and_skips_unreadable(checkpoint_path, onnx_pat
     assert metrics["miou_gt_change"] is None and result.passed
     with pytest.raises(UsageError, match="give one tile source, not --images and --synthetic"):
         check(["ort"], model=checkpoint_path, export_dir=onnx_path.parent, images=photos, synthetic=2)
+
+
+def test_disagreement_map_marks_pixels_and_a_visible_halo():
+    from fcn_deploy.report import DISAGREE_COLOR, disagreement_map
+
+    rgb = np.full((20, 30, 3), 200, np.uint8)
+    mask = np.zeros((20, 30), bool)
+    mask[10, 15] = True
+    out = disagreement_map(rgb, mask, dim=0.5, halo=2)
+    assert tuple(out[10, 15]) == DISAGREE_COLOR
+    assert tuple(out[12, 17]) != (100, 100, 100) and out[12, 17, 0] > out[12, 17, 1]  # halo: reddened
+    assert tuple(out[10, 18]) == (100, 100, 100) and tuple(out[0, 0]) == (100, 100, 100)  # dimmed only
+    assert np.array_equal(disagreement_map(rgb, np.zeros_like(mask), dim=0.5), np.full_like(rgb, 100))
