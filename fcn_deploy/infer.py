@@ -110,6 +110,14 @@ class Segmenter:
         if not self.runner.is_active:
             self.runner.activate()
             self._owns_activation = True
+        try:
+            self._read_runner()
+        except BaseException:
+            self.close()  # a runner we activated is not left active (a CUDA context, buffers)
+            raise
+        self._ready = True
+
+    def _read_runner(self) -> None:
         spec = self.runner.input_spec
         if spec is None or len(spec.shape) != 4 or spec.shape[1] != 3 or min(spec.shape[2:]) < 1:
             got = spec.describe() if spec is not None else "no input spec"
@@ -131,7 +139,6 @@ class Segmenter:
         self.static_batch = spec.shape[0] if spec.shape[0] > 0 else None
         limit = self.static_batch or self.runner.max_batch
         self.effective_batch = min(self.batch_size, limit) if limit else self.batch_size
-        self._ready = True
 
     def close(self) -> None:
         if self._owns_activation:

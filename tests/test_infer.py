@@ -203,9 +203,14 @@ def test_wrong_model_output_shape_is_reported():
         seg.predict(np.zeros((100, 200, 3), np.uint8))
 
 
-def test_bad_segmenter_options(small_runner):
+def test_bad_segmenter_options(small_runner, checkpoint_path):
+    fresh = TorchRunner(checkpoint_path, tile_hw=SMALL)
+    with pytest.raises(UsageError, match="--overlap 64 must be smaller"):
+        Segmenter(fresh, overlap=64).predict(np.zeros((10, 10, 3), np.uint8))
+    assert not fresh.is_active  # the Segmenter activated it, so it deactivates it on failure
     with pytest.raises(UsageError, match="--overlap 64 must be smaller"):
         Segmenter(small_runner, overlap=64).predict(np.zeros((10, 10, 3), np.uint8))
+    assert small_runner.is_active  # the caller's activation is the caller's
     with pytest.raises(UsageError, match="--window"):
         Segmenter(small_runner, window="gauss")
     with pytest.raises(InputMismatchError, match="uint8"):
