@@ -136,8 +136,7 @@ class Segmenter:
         self._scale = 1.0 / (255.0 * std)
         self._shift = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1) / std
         self.colormap = [tuple(c) for c in meta.get("colormap", VOC_COLORMAP)]
-        self.static_batch = spec.shape[0] if spec.shape[0] > 0 else None
-        limit = self.static_batch or self.runner.max_batch
+        limit = (spec.shape[0] if spec.shape[0] > 0 else None) or self.runner.max_batch
         self.effective_batch = min(self.batch_size, limit) if limit else self.batch_size
 
     def close(self) -> None:
@@ -167,15 +166,13 @@ class Segmenter:
         out[:, :h, w:] = 0
 
     def run_batch(self, tiles: np.ndarray, output: Output) -> np.ndarray:
-        """``runner.infer`` on (n, 3, th, tw) float32, padding to a static batch if needed.
+        """``runner.infer`` on (n, 3, th, tw) float32 (the runner pads a short batch of a
+        fixed-batch model).
 
         Returns (n, C, th, tw) logits or (n, th, tw) uint8 labels; any other shape is reported
         as a model / tile size mismatch.
         """
-        n = len(tiles)
-        if self.static_batch and n < self.static_batch:
-            tiles = np.concatenate([tiles, np.zeros((self.static_batch - n, *tiles.shape[1:]), tiles.dtype)])
-        result = self.runner.infer(tiles, output=output)[:n]
+        result = self.runner.infer(tiles, output=output)
         th, tw = self.tile_hw
         if output == "logits":
             ok, expected = result.ndim == 4 and result.shape[2:] == (th, tw), f"(N,C,{th},{tw})"
@@ -186,7 +183,7 @@ class Segmenter:
                 f"{self.runner.name}: model returned {output} {tuple(result.shape)}, expected {expected}; "
                 f"is it a segmentation model for {th}x{tw} tiles?"
             )
-        self.tiles_run += n
+        self.tiles_run += len(tiles)
         return result
 
     def iter_batches(self, jobs: Iterable[tuple[Any, np.ndarray, TileGrid]]) -> Iterator[TileBatch]:

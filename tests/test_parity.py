@@ -314,3 +314,18 @@ def test_disagreement_map_marks_pixels_and_a_visible_halo():
     assert tuple(out[12, 17]) != (100, 100, 100) and out[12, 17, 0] > out[12, 17, 1]  # halo: reddened
     assert tuple(out[10, 18]) == (100, 100, 100) and tuple(out[0, 0]) == (100, 100, 100)  # dimmed only
     assert np.array_equal(disagreement_map(rgb, np.zeros_like(mask), dim=0.5), np.full_like(rgb, 100))
+
+
+def test_fixed_batch_onnx_is_checked_with_padded_batches(checkpoint_path, onnx_path, voc_root, tmp_path):
+    """An ONNX exported with a fixed batch of 2 gets batches of 2 and a padded last batch of 1."""
+    import onnx
+
+    model = onnx.load(onnx_path)
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    onnx.save(model, folder / "fcn.onnx")
+    result = _check(["ort"], checkpoint_path, folder, voc_root, tmp_path, max_tiles=3, batch_size=4)
+    (entry,) = result.checked
+    assert result.passed and entry.metrics["tiles"] == 3

@@ -320,3 +320,18 @@ def test_cuda_provider_disables_tf32_and_keeps_cpu_fallback():
     assert cuda == ("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}) and cpu == "CPUExecutionProvider"
     trt, cuda, cpu = provider_list(("tensorrt", "cuda"))
     assert trt[0] == "TensorrtExecutionProvider" and cuda[1]["use_tf32"] == 0 and cpu == "CPUExecutionProvider"
+
+
+def test_fixed_batch_runner_pads_a_short_batch(onnx_path, tmp_path):
+    model = onnx.load(str(onnx_path))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 3
+    fixed = tmp_path / "fixed3.onnx"
+    onnx.save(model, str(fixed))
+    tiles = _tiles(3, hw=(320, 480))
+    with OnnxRuntimeRunner(fixed) as runner:
+        full = runner.infer(tiles)
+        short = runner.infer(tiles[:1])
+        labels = runner.infer(tiles[:2], "labels")
+    assert short.shape == (1, 21, 320, 480) and np.allclose(short[0], full[0], atol=1e-4)
+    assert labels.shape == (2, 320, 480) and np.array_equal(labels, full[:2].argmax(1))

@@ -104,15 +104,17 @@ class Runner:
         received = f"{tiles.dtype} {tuple(tiles.shape)}"
         if tiles.dtype != np.dtype(spec.dtype):
             raise InputMismatchError(f"{self.name}: received {received}, expected {spec.describe()}")
+        # the batch dimension is checked below: a fixed batch takes smaller batches (padded)
         if tiles.ndim != len(spec.shape) or any(
-            e >= 0 and e != r for e, r in zip(spec.shape, tiles.shape)
+            e >= 0 and e != r for e, r in zip(spec.shape[1:], tiles.shape[1:])
         ):
             raise InputMismatchError(f"{self.name}: received {received}, expected {spec.describe()}")
         if tiles.shape[0] < 1:
             raise InputMismatchError(f"{self.name}: received an empty batch {received}")
-        if self.max_batch is not None and tiles.shape[0] > self.max_batch:
+        limits = [b for b in (self.max_batch, spec.shape[0]) if b is not None and b > 0]
+        if limits and tiles.shape[0] > min(limits):
             raise InputMismatchError(
-                f"{self.name}: received batch {tiles.shape[0]}, at most {self.max_batch} allowed"
+                f"{self.name}: received {received}, at most {min(limits)} tiles per batch allowed"
             )
         return np.ascontiguousarray(tiles)
 
@@ -120,15 +122,19 @@ class Runner:
         """Run one batch.
 
         Args:
-            tiles: float32 (N, 3, H, W), ImageNet-normalised.
+            tiles: float32 (N, 3, H, W), ImageNet-normalised; for a model with a fixed batch B,
+                any N <= B (padded with zero tiles whose outputs are dropped).
             output: ``"logits"`` for (N, C, H, W) float32/float16 logits, ``"labels"`` for
                 (N, H, W) uint8 class indices (argmax computed where it is cheapest).
         """
         if output not in ("logits", "labels"):
             raise FcnDeployError(f"output must be 'logits' or 'labels', not {output!r}")
         tiles = self.check_input(tiles)
+        n, fixed = tiles.shape[0], self.input_spec.shape[0]
+        if 0 < n < fixed:  # a fixed-batch model: pad with zero tiles, drop their outputs
+            tiles = np.concatenate([tiles, np.zeros((fixed - n, *tiles.shape[1:]), tiles.dtype)])
         start = time.perf_counter()
-        result = self._infer(tiles, output)
+        result = self._infer(tiles, output)[:n]
         self.last_inference_time = time.perf_counter() - start
         self.total_inference_time += self.last_inference_time
         return result
