@@ -151,5 +151,10 @@ class Runner:
 
 
 def argmax_labels(logits: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) logits -> (N, H, W) uint8 class indices (first maximum wins)."""
-    return np.argmax(logits, axis=1).astype(np.uint8)
+    """(N, C, H, W) logits -> (N, H, W) uint8 class indices (first maximum wins, NaN -> 255),
+    with :func:`fcn_deploy.tiling.argmax_classes` (several times faster than ``np.argmax``)."""
+    from fcn_deploy.tiling import argmax_classes
+
+    if len(logits) == 0:
+        return np.zeros((0, *logits.shape[2:]), np.uint8)
+    return np.stack([argmax_classes(x) for x in logits])
