@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fcn_deploy.errors import ArtifactExistsError, BackendUnavailableError, FcnDeployError
+from fcn_deploy.fileio import write_bytes_atomic
 
 #: File that marks a folder as the demo's own (so a second ``make demo`` may overwrite it).
 MARKER = ".fcn-deploy-demo"
@@ -52,7 +53,7 @@ def _prepare_workdir(workdir: Path, force: bool) -> None:
             "folder or pass --force"
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / MARKER).write_text("written by fcn-deploy demo; safe to delete\n")
+    write_bytes_atomic(workdir / MARKER, b"written by fcn-deploy demo; safe to delete\n")
 
 
 def run_demo(

@@ -602,7 +602,11 @@ def build_engine(
         notes.append(f"{flv.label} has no timing cache; --timing-cache ignored")
         cache_path = None
     if cache_path is not None:
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        try:
+            cached = cache_path.read_bytes() if cache_path.exists() else b""
+        except OSError as exc:
+            raise UsageError(f"--timing-cache {cache_path}: cannot read it ({exc.strerror})") from None
+        cache = config.create_timing_cache(cached)
         config.set_timing_cache(cache, ignore_mismatch=False)
 
     start = time.perf_counter()

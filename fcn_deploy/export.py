@@ -500,7 +500,7 @@ def convert_fp16(
     meta.update(
         precision="fp16",
         parent=parent_ref(onnx_path),
-        exporter=f"{meta['exporter']}; onnxconverter-common {_version('onnxconverter-common')} "
+        exporter=f"{meta.get('exporter', 'unknown exporter')}; onnxconverter-common {_version('onnxconverter-common')} "
         "float16.convert_float_to_float16(keep_io_types=True)",
         keep_fp32=keep,
         io=onnx_io(fp16),

@@ -191,3 +191,12 @@ def test_engine_matches_onnxruntime(onnx_path, tmp_path):
     assert (labels == expected.argmax(1)).mean() >= 0.9999
     np.testing.assert_allclose(again, logits[:1], atol=1e-5)
     assert not runner.is_active
+
+
+def test_incomplete_sidecar_is_one_clear_error(tmp_path):
+    engine = _fake_engine(tmp_path)
+    sidecar = json.loads(sidecar_path(engine).read_text())
+    del sidecar["trt"]
+    sidecar_path(engine).write_text(json.dumps(sidecar))
+    with pytest.raises(EngineError, match=r"incomplete sidecar \(missing 'trt'\); rebuild the engine"):
+        TensorRTRunner(engine).activate()

@@ -178,17 +178,22 @@ class TensorRTRunner(Runner):
             raise EngineError(f"engine {self.engine_path} not found; build one with fcn-deploy build-engine")
         sidecar = read_sidecar(self.engine_path)
         check_engine_file(self.engine_path, sidecar)
-        flavour = FLAVOURS.get(sidecar["trt"]["flavour"])
-        if flavour is None:
-            raise EngineError(f"{self.engine_path}: unknown TensorRT flavour {sidecar['trt']['flavour']!r}")
-        trt = flavour.load()
-        cuda = _import_pycuda()
-        machine = {
-            "trt": {flavour.name: trt.__version__},
-            "gpu": gpu_info(self.device),
-            "gpu_error": None,
-        }
-        reason = engine_mismatch(sidecar, machine, onnx_sha256=current_onnx_sha256(sidecar))
+        try:
+            flavour = FLAVOURS.get(sidecar["trt"]["flavour"])
+            if flavour is None:
+                raise EngineError(f"{self.engine_path}: unknown TensorRT flavour {sidecar['trt']['flavour']!r}")
+            trt = flavour.load()
+            cuda = _import_pycuda()
+            machine = {
+                "trt": {flavour.name: trt.__version__},
+                "gpu": gpu_info(self.device),
+                "gpu_error": None,
+            }
+            reason = engine_mismatch(sidecar, machine, onnx_sha256=current_onnx_sha256(sidecar))
+        except (KeyError, TypeError) as exc:
+            raise EngineError(
+                f"{self.engine_path}: incomplete sidecar (missing {exc}); rebuild the engine with fcn-deploy build-engine"
+            ) from None
         if reason is not None:
             raise EngineError(f"{self.engine_path.name}: {reason}; rebuild it: {rebuild_hint(sidecar)}")
 
