@@ -167,13 +167,18 @@ def test_ort_spec_meta_and_threads(onnx_path):
     assert 1 <= physical_cores() <= os.cpu_count()
 
 
-def test_ort_fixed_batch_rejects_larger_batch(onnx_path, tmp_path):
+def _fixed_batch_onnx(onnx_path, tmp_path, batch: int):
+    """A copy of the dynamic-batch export with its batch dimension fixed to ``batch``."""
     model = onnx.load(str(onnx_path))
     for value in (model.graph.input[0], model.graph.output[0]):
-        value.type.tensor_type.shape.dim[0].dim_value = 1
-    fixed = tmp_path / "fixed.onnx"
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    fixed = tmp_path / f"fixed{batch}.onnx"
     onnx.save(model, str(fixed))
-    with OnnxRuntimeRunner(fixed) as runner:
+    return fixed
+
+
+def test_ort_fixed_batch_rejects_larger_batch(onnx_path, tmp_path):
+    with OnnxRuntimeRunner(_fixed_batch_onnx(onnx_path, tmp_path, 1)) as runner:
         assert runner.max_batch == 1 and runner.input_spec.shape[0] == 1
         assert runner.infer(_tiles(1, hw=(320, 480)), "labels").shape == (1, 320, 480)
         with pytest.raises(InputMismatchError, match=r"received float32 \(2, 3, 320, 480\)"):
@@ -323,13 +328,8 @@ def test_cuda_provider_disables_tf32_and_keeps_cpu_fallback():
 
 
 def test_fixed_batch_runner_pads_a_short_batch(onnx_path, tmp_path):
-    model = onnx.load(str(onnx_path))
-    for value in (model.graph.input[0], model.graph.output[0]):
-        value.type.tensor_type.shape.dim[0].dim_value = 3
-    fixed = tmp_path / "fixed3.onnx"
-    onnx.save(model, str(fixed))
     tiles = _tiles(3, hw=(320, 480))
-    with OnnxRuntimeRunner(fixed) as runner:
+    with OnnxRuntimeRunner(_fixed_batch_onnx(onnx_path, tmp_path, 3)) as runner:
         full = runner.infer(tiles)
         short = runner.infer(tiles[:1])
         labels = runner.infer(tiles[:2], "labels")
