@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fcn_deploy.images import normalize
-from fcn_deploy.infer import Segmenter
+from fcn_deploy.segmenter import Segmenter
 from fcn_deploy.model import load_checkpoint
 from fcn_deploy.runners.torch_runner import TorchRunner
 from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, list_split, read_sample

@@ -1,7 +1,7 @@
 """``fcn-deploy evaluate``: whole VOC images through tiled inference, scored against their labels.
 
 Every pixel of every image of a split is predicted (the chapter's exercise) by a
-:class:`~fcn_deploy.infer.Segmenter` over any backend; one confusion matrix over all pixels
+:class:`~fcn_deploy.segmenter.Segmenter` over any backend; one confusion matrix over all pixels
 (void 255 ignored) gives pixel accuracy, mean class accuracy, per-class IoU and mIoU. Results are
 in percent.
 """
@@ -48,7 +48,7 @@ def evaluate_runner(
     """
     from tqdm import tqdm
 
-    from fcn_deploy.infer import Segmenter
+    from fcn_deploy.segmenter import Segmenter
     from fcn_deploy.metrics import ConfusionMatrix
 
     classes = list(runner.meta["classes"])

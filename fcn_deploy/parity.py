@@ -586,7 +586,7 @@ def _tile_source(images, voc_root, synthetic, stack: contextlib.ExitStack, echo:
         raise UsageError(f"give one tile source, not {' and '.join(given)}")
     if images is not None:
         from fcn_deploy.images import load_rgb
-        from fcn_deploy.infer import find_images
+        from fcn_deploy.inputs import find_images
 
         if not Path(images).is_dir():
             raise UsageError(f"--images {images}: no such folder")

@@ -16,7 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fcn_deploy.errors import FcnDeployError, InputMismatchError, UsageError
-from fcn_deploy.infer import Segmenter, collect_inputs, find_images, run_inference
+from fcn_deploy.infer import run_inference
+from fcn_deploy.inputs import collect_inputs, find_images
+from fcn_deploy.segmenter import Segmenter
 from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
 from fcn_deploy.runners.torch_runner import TorchRunner
 from fcn_deploy.tiling import DEFAULT_OVERLAP, DEFAULT_WINDOW, plan_tiles

@@ -1,0 +1,108 @@
+"""Input discovery of ``fcn-deploy infer``: files and folders expanded into images, each with
+the output stem its masks get, and the output folder checked before any work."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from fcn_deploy.errors import FcnDeployError
+from fcn_deploy.outputs import MASK_SUFFIX
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image to segment and where its outputs go (``rel_stem`` + suffix under the output folder)."""
+
+    path: Path
+    rel_stem: Path
+
+
+def _is_image_candidate(path: Path) -> bool:
+    """True when PIL recognises the content, or the name has an image extension (a broken
+    ``photo.jpg`` is then reported, not ignored); files like ``notes.txt`` are False."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return path.suffix.lower() in Image.registered_extensions()
+
+
+def collect_inputs(
+    paths: Sequence[str | os.PathLike], exclude: str | os.PathLike | None = None
+) -> tuple[list[InputImage], list[tuple[str, str]]]:
+    """Expand files and folders (recursively, hidden entries and ``exclude`` skipped) into images.
+
+    Inside folders, files are kept when :func:`_is_image_candidate`; a file named explicitly is
+    always kept (a non-image then fails to decode, by name). Output stems mirror the tree below
+    each folder argument (a file argument: its name); two inputs whose stems collide keep their
+    extension in the output name. Returns (images, failures) where failures are (path, message)
+    for missing paths and outputs that would still collide.
+    """
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    found: list[tuple[Path, Path]] = []  # (path, relative path incl. extension)
+    failed: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, rel: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append((path, rel))
+
+    for arg in map(Path, paths):
+        if arg.is_dir():
+            for root, dirs, files in os.walk(arg):
+                root_path = Path(root)
+                dirs[:] = sorted(
+                    d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != excluded
+                )
+                for name in sorted(files):
+                    path = root_path / name
+                    if not name.startswith(".") and path.is_file() and _is_image_candidate(path):
+                        add(path, path.relative_to(arg))
+        elif arg.exists():
+            add(arg, Path(arg.name))
+        else:
+            failed.append((str(arg), f"{arg}: no such file or folder"))
+
+    stems: dict[str, int] = {}
+    for _, rel in found:
+        key = str(rel.with_suffix("")).casefold()
+        stems[key] = stems.get(key, 0) + 1
+    images: list[InputImage] = []
+    owners: dict[str, Path] = {}
+    for path, rel in found:
+        stem = rel.with_suffix("") if stems[str(rel.with_suffix("")).casefold()] == 1 else rel
+        key = str(stem).casefold()
+        if key in owners:
+            failed.append((str(path), f"{path}: output name {stem}{MASK_SUFFIX} is already used by {owners[key]}"))
+            continue
+        owners[key] = path
+        images.append(InputImage(path, stem))
+    return images, failed
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files under ``paths`` (files and folders), as :func:`collect_inputs` finds
+    them; paths that do not exist are left out."""
+    return [item.path for item in collect_inputs(paths)[0]]
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Create ``output_dir`` if needed and prove it writable, else raise a one-line error."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise FcnDeployError(f"output folder {out} is not writable: {exc.strerror or exc}") from None
+    return out
+
+
