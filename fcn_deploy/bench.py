@@ -26,7 +26,7 @@ from fcn_deploy.errors import UsageError
 from fcn_deploy.fileio import check_writable, write_json_atomic
 
 #: Installed distributions whose versions a report records (plus any ``tensorrt*``).
-_VERSIONED = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "pycuda")
+_VERSIONED = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy")
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

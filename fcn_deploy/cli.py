@@ -108,7 +108,7 @@ def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32,
     for report in reports:
         click.echo(report.summary())
 
-# --- TensorRT engines (fcn_deploy.engine) -------------------------------------------------
+# --- TensorRT engines (fcn_deploy.trt.build) -------------------------------------------------
 # [cli:engine]
 @cli.command("build-engine")
 @click.argument("onnx", default="export/fcn.onnx", type=click.Path(dir_okay=False))
@@ -124,7 +124,7 @@ def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32,
 @click.option("--force", is_flag=True, help="Overwrite an existing engine.")
 def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batch, max_batch, labels_output, timing_cache, force) -> None:
     """Build a TensorRT engine (+ JSON sidecar) from ONNX (default export/fcn.onnx)."""
-    from fcn_deploy.engine import build_engine
+    from fcn_deploy.trt.build import build_engine
 
     report = build_engine(
         onnx, output, precision="fp16" if fp16 else "fp32", flavour=flavour, workspace_mib=workspace,

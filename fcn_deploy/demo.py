@@ -134,7 +134,8 @@ def _export(r: DemoResult) -> str:
 
 
 def _engine(r: DemoResult) -> str:
-    from fcn_deploy.engine import build_engine, resolve_flavour
+    from fcn_deploy.trt.build import build_engine
+    from fcn_deploy.trt.flavour import resolve_flavour
 
     try:
         resolve_flavour("auto")

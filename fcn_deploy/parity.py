@@ -562,7 +562,7 @@ def _resolve_engine(model: Path, model_sha: str, export_dir: Path, engines_dir: 
     """(engine, kind, reason) like :func:`_resolve_onnx`: the engine must descend from the current
     ``export_dir/fcn.onnx``, itself exported from ``model``. Raises EngineError /
     BackendUnavailableError when no engine fits."""
-    from fcn_deploy.engine import find_engine
+    from fcn_deploy.trt.sidecar import find_engine
 
     fp32 = export_dir / "fcn.onnx"
     if not fp32.is_file():

@@ -50,7 +50,7 @@ def test_demo_builds_an_engine_when_tensorrt_rtx_is_installed(demo):
     except ImportError:
         assert "engine" not in result.paths and any("TensorRT" in n for n in result.notes)
     else:
-        from fcn_deploy.engine import read_sidecar
+        from fcn_deploy.trt.sidecar import read_sidecar
 
         engine = result.paths["engine"]
         assert engine.is_file() and read_sidecar(engine)["precision"] == "fp16"

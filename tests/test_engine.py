@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -10,17 +11,16 @@ import pytest
 from click.testing import CliRunner
 
 from fcn_deploy.cli import cli
-from fcn_deploy.engine import (
+from fcn_deploy.trt.build import build_engine
+from fcn_deploy.trt.flavour import FLAVOURS, gc_paused, resolve_flavour
+from fcn_deploy.trt.sidecar import (
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
-    FLAVOURS,
-    build_engine,
     engine_filename,
     engine_mismatch,
     find_engine,
     read_sidecar,
     rebuild_hint,
-    resolve_flavour,
     sidecar_path,
 )
 from fcn_deploy.errors import (
@@ -82,6 +82,7 @@ def test_missing_tensorrt_gives_install_hint(monkeypatch):
 
 def test_no_flavour_installed_names_both_extras(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
     monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
     with pytest.raises(BackendUnavailableError, match=r"fcn-deploy\[trt\].*fcn-deploy\[rtx\]"):
         resolve_flavour("auto")
@@ -165,18 +166,52 @@ def test_find_engine_checks_the_export_named_in_the_sidecar(tmp_path):
         find_engine(tmp_path, machine=machine())
 
 
-def test_find_engine_without_gpu_says_why_once(tmp_path):
+def test_find_engine_without_gpu_says_so_and_suggests_ort(tmp_path):
+    """Defect 12: no NVIDIA GPU is the reason, whatever engines exist; no rebuild hint."""
     _write_fake_engine(tmp_path, "a.engine", make_sidecar(), 1)
-    _write_fake_engine(tmp_path, "b.engine", make_sidecar(precision="fp32"), 1)
-    with pytest.raises(EngineError) as err:
-        find_engine(tmp_path, machine=machine(None))
-    msg = str(err.value)
-    assert "fits this machine (no GPU: no CUDA device found)" in msg
-    assert "a.engine: no GPU to run it on; b.engine: no GPU to run it on" in msg
-    assert not isinstance(err.value, StaleArtifactError)
+    for folder in (tmp_path, tmp_path / "none"):
+        with pytest.raises(BackendUnavailableError) as err:
+            find_engine(folder, machine=machine(None))
+        msg = str(err.value)
+        assert msg.startswith("no NVIDIA GPU on this machine (no CUDA device found)")
+        assert "use --backend ort" in msg and "\n" not in msg
+        assert "build-engine" not in msg and "pycuda" not in msg
 
 
-def test_find_engine_without_engines(tmp_path):
+def test_find_engine_on_this_cpu_machine_names_the_missing_gpu(tmp_path):
+    """No fake facts: the real query of this machine (a CUDA torch without driver, or a CPU torch)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _write_fake_engine(tmp_path, "fcn.fp16.trt-rtx-1.7.1.portable.engine", make_sidecar(), 1)
+    with pytest.raises(BackendUnavailableError, match=r"^no NVIDIA GPU on this machine \((torch sees no CUDA device|this PyTorch is a CPU-only build)") as err:
+        find_engine(tmp_path)
+    assert "--backend ort" in str(err.value) and "build-engine" not in str(err.value)
+
+
+def test_cli_infer_trt_without_gpu(tmp_path, monkeypatch):
+    """Defect 12 end to end: an engine exists, this machine has no GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "engines").mkdir()
+    sidecar = make_sidecar()
+    sidecar["engine_sha256"] = hashlib.sha256(b"plan").hexdigest()  # the engine is intact
+    _write_fake_engine(tmp_path / "engines", "fcn.fp16.trt-rtx-1.7.1.portable.engine", sidecar, 1)
+    (tmp_path / "photos").mkdir()
+    for args in (["infer", "photos", "--backend", "trt"],
+                 ["infer", "photos", "--backend", "trt", "--model", "engines/fcn.fp16.trt-rtx-1.7.1.portable.engine"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("error: no NVIDIA GPU on this machine"), result.output
+        assert "--backend ort" in last and "pycuda" not in result.output and "build-engine" not in result.output
+
+
+def test_find_engine_without_engines(tmp_path):  # on a machine with a GPU
     with pytest.raises(EngineError, match=r"no engine in .*fcn-deploy build-engine --fp32"):
         find_engine(tmp_path / "engines", precision="fp32", machine=machine())
 
@@ -344,7 +379,6 @@ def test_cli_tensorrt_not_installed(monkeypatch, tmp_path):
 def test_gc_paused_collects_first_and_restores_the_collector():
     import gc
 
-    from fcn_deploy.engine import gc_paused
 
     class Cycle:
         pass

@@ -84,8 +84,8 @@ def create_runner(
         runner.name = backend
         return runner
     if backend == "trt":
-        from fcn_deploy.engine import find_engine
-        from fcn_deploy.runners.tensorrt import TensorRTRunner
+        from fcn_deploy.trt.sidecar import find_engine
+        from fcn_deploy.trt.runtime import TensorRTRunner
 
         path = Path(model) if model is not None else find_engine(engines_dir, precision=precision)
         # TensorRT always runs on a GPU; "cuda:N" picks which (default 0, also for "cpu").
