@@ -90,6 +90,40 @@ def test_no_flavour_installed_names_both_extras(monkeypatch):
         resolve_flavour("trt11")
 
 
+def test_rtx_is_imported_as_tensorrt_rtx_or_tensorrt_rtx_bindings(monkeypatch):
+    from types import SimpleNamespace
+
+    new = SimpleNamespace(__version__="2.0.0.1")
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", new)
+    assert FLAVOURS["rtx"].load() is new
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    old = SimpleNamespace(__version__="1.7.1.116")
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", old)
+    assert FLAVOURS["rtx"].load() is old
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT-RTX is not installed.*fcn-deploy\[rtx\]"):
+        FLAVOURS["rtx"].load()
+
+
+def test_no_gpu_reason_names_what_torch_lacks(monkeypatch):
+    import torch
+
+    from fcn_deploy.trt.sidecar import gpu_info, no_gpu_reason
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert no_gpu_reason() == "this PyTorch is a CPU-only build"
+    with pytest.raises(BackendUnavailableError, match=r"^no NVIDIA GPU on this machine \(this PyTorch is a CPU-only build\).*--backend ort"):
+        gpu_info(0)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+    def no_driver():
+        raise RuntimeError("Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU")
+
+    monkeypatch.setattr(torch.cuda, "init", no_driver)
+    assert no_gpu_reason() == "torch sees no CUDA device: Found no NVIDIA driver on your system"
+
+
 @pytest.mark.parametrize(
     "sidecar, facts, kwargs, expected",
     [

@@ -393,6 +393,7 @@ class TensorRTRunner(Runner):
         n = int(tiles.shape[0])
         run = self._profile.run_batch(n)
         buffers = self._buffers
+        self._logger.errors.clear()  # a failure below quotes only what this batch logged
         with stream.current():
             # queued on the caller's stream, which the previous execute already waited for
             buffers[table.input.name][:n].copy_(tiles)
