@@ -37,7 +37,7 @@ def checkpoint_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def onnx_path(checkpoint_path, tmp_path_factory):
     """The checkpoint exported to ONNX (320x480, dynamic batch), verified on export."""
-    from fcn_deploy.export import export_onnx
+    from fcn_deploy.export.torch_export import export_onnx
 
     out = tmp_path_factory.mktemp("export") / "fcn.onnx"
     export_onnx(checkpoint_path, out)
@@ -47,7 +47,7 @@ def onnx_path(checkpoint_path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp16_onnx_path(onnx_path):
     """The strongly typed FP16 variant of :func:`onnx_path` (float32 IO)."""
-    from fcn_deploy.export import convert_fp16
+    from fcn_deploy.export.fp16 import convert_fp16
 
     return convert_fp16(onnx_path)
 
