@@ -3,6 +3,7 @@ each built once per test session. GPU tests (``@pytest.mark.gpu``) skip without 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +59,35 @@ def voc_root(tmp_path_factory):
     from fcn_deploy.voc import write_synthetic_voc
 
     return write_synthetic_voc(tmp_path_factory.mktemp("voc"), num_images=12, seed=0)
+
+
+@pytest.fixture()
+def external_data_onnx():
+    """``make(folder, location)``: a small fcn-deploy ONNX whose external data is missing or escapes."""
+    return _onnx_with_external_data
+
+
+def _onnx_with_external_data(folder, location):
+    """A small fcn-deploy ONNX at folder/fcn.onnx whose weight lives in external data at
+    ``location`` (relative to the folder), which does not exist or escapes the folder."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from fcn_deploy.artifacts import embed_meta
+
+    folder.mkdir(parents=True, exist_ok=True)
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", 1, [1, 4])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4])], [w])
+    model = helper.make_model(graph)
+    embed_meta(model, {"precision": "fp32", "tile_hw": [32, 32]})
+    onnx.save_model(model, folder / "fcn.onnx", save_as_external_data=True, location="w.data", size_threshold=0)
+    (folder / "w.data").unlink()
+    if location != "w.data":
+        model = onnx.load(folder / "fcn.onnx", load_external_data=False)
+        for entry in model.graph.initializer[0].external_data:
+            if entry.key == "location":
+                entry.value = location
+        onnx.save(model, folder / "fcn.onnx")
+    return folder / "fcn.onnx"

@@ -422,3 +422,30 @@ def test_fp16_of_trained_weights_with_tiny_values(tmp_path):
     assert tiny.sum() > 1000
     assert np.abs(got[tiny].astype(np.float32)).max() <= FP16_TINY
     assert np.array_equal(got[~tiny], ref[~tiny].astype(np.float16))
+
+
+def test_export_output_path_checked_before_the_work(checkpoint_path, tmp_path, monkeypatch):
+    """Issue 10, defect 6: `export -o afile/fcn.onnx` exported and verified before failing to write."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the export started before its output path was checked")
+
+    monkeypatch.setattr("fcn_deploy.model.load_checkpoint", no_work)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    res = CliRunner().invoke(cli, ["export", str(checkpoint_path), "-o", str(blocker / "fcn.onnx")])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert "error: cannot write" in res.output and "afile is a file, not a folder" in res.output
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("location, why", [("w.data", "not regular file"), ("../../etc/passwd", "points outside")])
+def test_build_engine_onnx_with_missing_or_escaping_external_data_is_one_line(tmp_path, location, why, external_data_onnx):
+    """Issue 10, defect 10: build-engine showed an onnx ValidationError traceback (the fix is in
+    artifacts.load_onnx, which read_artifact_meta and the engine build use)."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    path = external_data_onnx(tmp_path / "export", location)
+    with pytest.raises(ExportError, match=f"fcn.onnx is not a readable ONNX model .*{why}"):
+        read_artifact_meta(path)
+    res = CliRunner().invoke(cli, ["build-engine", str(path), "--fp32", "--trt", "rtx", "-o", str(tmp_path / "e.engine")])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert "Traceback" not in res.output and why in res.output

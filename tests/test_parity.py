@@ -357,41 +357,16 @@ def test_fixed_batch_onnx_is_checked_with_padded_batches(checkpoint_path, onnx_p
     assert result.passed and entry.metrics["tiles"] == 3
 
 
-def _onnx_with_external_data(folder, location):
-    """A small fcn-deploy ONNX at folder/fcn.onnx whose weight lives in external data at
-    ``location`` (relative to the folder), which does not exist or escapes the folder."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from fcn_deploy.artifacts import embed_meta
-
-    folder.mkdir(parents=True, exist_ok=True)
-    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", 1, [1, 4])],
-                              [helper.make_tensor_value_info("y", 1, [1, 4])], [w])
-    model = helper.make_model(graph)
-    embed_meta(model, {"precision": "fp32", "tile_hw": [32, 32]})
-    onnx.save_model(model, folder / "fcn.onnx", save_as_external_data=True, location="w.data", size_threshold=0)
-    (folder / "w.data").unlink()
-    if location != "w.data":
-        model = onnx.load(folder / "fcn.onnx", load_external_data=False)
-        for entry in model.graph.initializer[0].external_data:
-            if entry.key == "location":
-                entry.value = location
-        onnx.save(model, folder / "fcn.onnx")
-    return folder / "fcn.onnx"
-
-
 @pytest.mark.parametrize("location, why", [("w.data", "not regular file"), ("../../etc/passwd", "points outside")])
-def test_check_onnx_with_missing_or_escaping_external_data_is_one_line(checkpoint_path, tmp_path, location, why):
+def test_check_onnx_with_missing_or_escaping_external_data_is_one_line(checkpoint_path, tmp_path, location, why,
+                                                                        external_data_onnx):
     """Issue 10, defect 10: check showed an onnx ValidationError traceback."""
     from click.testing import CliRunner
 
     from fcn_deploy.cli import cli
 
     export = tmp_path / "export"
-    _onnx_with_external_data(export, location)
+    external_data_onnx(export, location)
     res = CliRunner().invoke(cli, ["check", "--backend", "ort", "--model", str(checkpoint_path),
                                    "--export-dir", str(export), "--synthetic", "2"])
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
