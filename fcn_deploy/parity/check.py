@@ -77,7 +77,7 @@ def _open_backends(names: list[str], wants_all: bool, model: Path, export_dir: P
                     kind, reason = "stale", f"{entry.artifact} records no precision in its metadata"
                 else:
                     runners[name] = runner
-        except (ArtifactNotFoundError, BackendUnavailableError, EngineError, ExportError) as exc:
+        except (ArtifactNotFoundError, BackendUnavailableError, EngineError, ExportError, StaleArtifactError) as exc:
             # missing / unavailable (not built, no GPU): tolerated under ``all --strict``;
             # stale or unreadable: never
             kind = "missing" if isinstance(exc, ArtifactNotFoundError) else "unavailable"
