@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= test,rtx
+EXTRAS ?= cpu,test,rtx   # cpu or gpu (one onnxruntime distribution), never both
 
 .PHONY: demo test venv clean
 

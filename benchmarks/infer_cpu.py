@@ -78,7 +78,7 @@ def main() -> None:
 
     import torch
 
-    from fcn_deploy.export import export_onnx
+    from fcn_deploy.export.torch_export import export_onnx
     from fcn_deploy.model import FCN, save_checkpoint
     from fcn_deploy.runners.onnxrt import OnnxRuntimeRunner
     from fcn_deploy.runners.torch_runner import TorchRunner

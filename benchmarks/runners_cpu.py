@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fcn_deploy.bench import machine_info, parse_batch_sizes, random_tiles
-from fcn_deploy.export import export_onnx
+from fcn_deploy.export.torch_export import export_onnx
 from fcn_deploy.model import FCN, save_checkpoint
 from fcn_deploy.runners.onnxrt import OnnxRuntimeRunner, physical_cores
 from fcn_deploy.runners.torch_runner import TorchRunner

@@ -136,7 +136,8 @@ def read_artifact_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_onnx(path: str | os.PathLike):
-    """``onnx.load`` with a missing or unparsable file mapped to a one-line error."""
+    """``onnx.load`` with a missing or unparsable file, or missing or escaping external data
+    (``onnx.checker.ValidationError``), mapped to a one-line :class:`ExportError`."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -145,5 +146,5 @@ def load_onnx(path: str | os.PathLike):
         raise ArtifactNotFoundError(f"ONNX file {path} not found")
     try:
         return onnx.load(path)
-    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+    except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None

@@ -10,6 +10,7 @@ import click
 
 from fcn_deploy import __version__
 from fcn_deploy.errors import FcnDeployError
+from fcn_deploy.runners.registry import BACKENDS, CHECK_BACKENDS
 
 
 class _Group(click.Group):
@@ -92,14 +93,14 @@ def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, devi
 @click.option("--height", type=int, default=320, show_default=True, help="Tile height, a multiple of 32.")
 @click.option("--width", type=int, default=480, show_default=True, help="Tile width, a multiple of 32.")
 @click.option("--batch", type=int, help="Fix the batch size (default: a dynamic 'batch' dimension).")
-@click.option("--opset", type=int, help="ONNX opset (default: fcn_deploy.export.DEFAULT_OPSET, 18).")
+@click.option("--opset", type=int, help="ONNX opset (default: fcn_deploy.export.torch_export.DEFAULT_OPSET, 18).")
 @click.option("--fp16", is_flag=True, help="Also write the strongly typed FP16 ONNX <stem>.fp16.onnx (+ .json).")
 @click.option("--keep-fp32", multiple=True, help="With --fp16: op type or node name kept in float32 (repeatable).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-reference verification.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32, no_verify, force) -> None:
     """Export CHECKPOINT (default model.pt) to ONNX, check the graph and verify it."""
-    from fcn_deploy.export import DEFAULT_OPSET, export_artifacts
+    from fcn_deploy.export.torch_export import DEFAULT_OPSET, export_artifacts
 
     reports = export_artifacts(
         checkpoint, output, fp16=fp16, keep_fp32=keep_fp32, height=height, width=width, batch=batch,
@@ -139,7 +140,7 @@ def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batc
 @cli.command("infer")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", default="predictions", show_default=True, type=click.Path(file_okay=False), help="Output folder; names mirror the input tree.")
-@click.option("--backend", type=click.Choice(["ort", "ort-fp16", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per call, across images.")
@@ -166,7 +167,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
 # --- parity, evaluation, benchmarks (fcn_deploy.parity, fcn_deploy.evaluate, fcn_deploy.bench)
 # [cli:check]
 @cli.command("check")
-@click.option("--backend", "backends", multiple=True, default=("all",), show_default=True, help="ort, ort-fp16, trt or all (every built one); repeatable or comma-separated.")
+@click.option("--backend", "backends", multiple=True, default=("all",), show_default=True, help=f"{', '.join(CHECK_BACKENDS)} or all (every built one); repeatable or comma-separated.")
 @click.option("--model", default="model.pt", show_default=True, type=click.Path(dir_okay=False), help="Checkpoint of the float32 PyTorch reference (CPU).")
 @click.option("--export-dir", default="export", show_default=True, type=click.Path(file_okay=False))
 @click.option("--engines-dir", default="engines", show_default=True, type=click.Path(file_okay=False))
@@ -175,7 +176,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
 @click.option("--synthetic", type=click.IntRange(min=2), help="Draw tiles from N generated images with labels (the default, N=8).")
 @click.option("--max-tiles", type=click.IntRange(min=1), default=32, show_default=True, help="Tiles drawn, spread over the images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--threshold", "thresholds", multiple=True, metavar="PREC.METRIC=VALUE", help="Override a limit (repeatable), e.g. fp16.agreement=99 or fp32.max_abs=off. Metrics: agreement, max_abs, mean_abs, p99_abs, cosine_min, miou_vs_reference, miou_gt_change.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="PREC.METRIC=VALUE", help="Override a limit (repeatable), e.g. fp16.agreement=99 or fp32.max_abs=off. Percentages in % (99.9, not 0.999). Metrics: agreement, max_abs, mean_abs, p99_abs, cosine_min, miou_vs_reference, miou_gt_change.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--disagreement-dir", type=click.Path(file_okay=False), help="Disagreement map PNGs of the worst tiles (default: <report>-disagreement/ or check/).")
 @click.option("--device", default="cpu", show_default=True, help="Device of the backends (the reference runs on the CPU).")
@@ -183,7 +184,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
 @click.option("--force", is_flag=True, help="Overwrite --report.")
 def check_cmd(backends, model, export_dir, engines_dir, images, voc_root, synthetic, max_tiles, batch_size, thresholds, report, disagreement_dir, device, strict, force) -> None:
     """Parity of each backend against the float32 PyTorch reference, on the same tiles."""
-    from fcn_deploy.parity import check
+    from fcn_deploy.parity.check import check
 
     check(backends, model=model, export_dir=export_dir, engines_dir=engines_dir, images=images, voc_root=voc_root,
           synthetic=synthetic, thresholds=list(thresholds), report=report, disagreement_dir=disagreement_dir,
@@ -194,7 +195,7 @@ def check_cmd(backends, model, export_dir, engines_dir, images, voc_root, synthe
 @cli.command("evaluate")
 @click.option("--voc-root", required=True, type=click.Path(), help="VOCdevkit/VOC2012 folder (or a folder holding VOCdevkit/).")
 @click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt")
-@click.option("--backend", type=click.Choice(["torch", "ort", "ort-fp16", "trt"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per call.")
@@ -213,7 +214,7 @@ def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, m
 
 
 @cli.command("bench")
-@click.option("--backend", type=click.Choice(["torch", "ort", "ort-fp16", "trt"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated tiles per call.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)

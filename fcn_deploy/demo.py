@@ -124,7 +124,7 @@ def _train(s: DemoSettings, r: DemoResult, progress: bool) -> str:
 
 
 def _export(r: DemoResult) -> str:
-    from fcn_deploy.export import export_artifacts
+    from fcn_deploy.export.torch_export import export_artifacts
 
     reports = export_artifacts(r.paths["model"], r.paths["onnx"], fp16=True, force=True)
     r.paths["fp16_onnx"] = reports[1].path
@@ -164,7 +164,7 @@ def _infer(r: DemoResult, progress: bool) -> str:
 
 
 def _check(s: DemoSettings, r: DemoResult, echo: Callable[[str], None]) -> str:
-    from fcn_deploy.parity import check
+    from fcn_deploy.parity.check import check
 
     report = check(("all",), model=r.paths["model"], export_dir=r.paths["onnx"].parent,
                    engines_dir=r.paths["engines"], voc_root=r.paths["voc"], max_tiles=s.check_tiles,

@@ -52,16 +52,17 @@ class VerificationError(FcnDeployError):
 
 
 class BackendUnavailableError(FcnDeployError):
-    """An optional backend (tensorrt, onnxruntime-gpu, pycuda, CUDA) is not installed or usable."""
+    """An optional backend (tensorrt, onnxruntime, onnxruntime-gpu, CUDA) is not installed or usable."""
 
 
 class EngineError(FcnDeployError):
     """A TensorRT engine cannot be built, is stale, or does not fit this GPU / TensorRT version."""
 
 
-class StaleArtifactError(EngineError):
-    """An artifact descends from a parent that has changed since (e.g. an engine built from an
-    older ONNX): rebuild it."""
+class StaleArtifactError(FcnDeployError):
+    """An artifact (ONNX or engine) descends from a parent that has changed since (an ONNX
+    exported from an older checkpoint, an engine built from an older ONNX): rebuild it. Every
+    command refuses a stale artifact the same way (:func:`fcn_deploy.chain.resolve`)."""
 
 
 class InputMismatchError(FcnDeployError):

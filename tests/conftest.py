@@ -3,6 +3,7 @@ each built once per test session. GPU tests (``@pytest.mark.gpu``) skip without 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ def checkpoint_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def onnx_path(checkpoint_path, tmp_path_factory):
     """The checkpoint exported to ONNX (320x480, dynamic batch), verified on export."""
-    from fcn_deploy.export import export_onnx
+    from fcn_deploy.export.torch_export import export_onnx
 
     out = tmp_path_factory.mktemp("export") / "fcn.onnx"
     export_onnx(checkpoint_path, out)
@@ -47,7 +48,7 @@ def onnx_path(checkpoint_path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp16_onnx_path(onnx_path):
     """The strongly typed FP16 variant of :func:`onnx_path` (float32 IO)."""
-    from fcn_deploy.export import convert_fp16
+    from fcn_deploy.export.fp16 import convert_fp16
 
     return convert_fp16(onnx_path)
 
@@ -58,3 +59,35 @@ def voc_root(tmp_path_factory):
     from fcn_deploy.voc import write_synthetic_voc
 
     return write_synthetic_voc(tmp_path_factory.mktemp("voc"), num_images=12, seed=0)
+
+
+@pytest.fixture()
+def external_data_onnx():
+    """``make(folder, location)``: a small fcn-deploy ONNX whose external data is missing or escapes."""
+    return _onnx_with_external_data
+
+
+def _onnx_with_external_data(folder, location):
+    """A small fcn-deploy ONNX at folder/fcn.onnx whose weight lives in external data at
+    ``location`` (relative to the folder), which does not exist or escapes the folder."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from fcn_deploy.artifacts import embed_meta
+
+    folder.mkdir(parents=True, exist_ok=True)
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", 1, [1, 4])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4])], [w])
+    model = helper.make_model(graph)
+    embed_meta(model, {"precision": "fp32", "tile_hw": [32, 32]})
+    onnx.save_model(model, folder / "fcn.onnx", save_as_external_data=True, location="w.data", size_threshold=0)
+    (folder / "w.data").unlink()
+    if location != "w.data":
+        model = onnx.load(folder / "fcn.onnx", load_external_data=False)
+        for entry in model.graph.initializer[0].external_data:
+            if entry.key == "location":
+                entry.value = location
+        onnx.save(model, folder / "fcn.onnx")
+    return folder / "fcn.onnx"

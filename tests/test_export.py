@@ -18,20 +18,16 @@ from onnx import TensorProto, helper, numpy_helper
 from fcn_deploy.artifacts import META_KEY, embed_meta, read_artifact_meta, sidecar_path
 from fcn_deploy.cli import cli
 from fcn_deploy.errors import ArtifactExistsError, ArtifactNotFoundError, ExportError, UsageError, VerificationError
-from fcn_deploy.export import (
-    DEFAULT_OPSET,
-    FP16_MIN_AGREEMENT,
-    FP32_MAX_ABS,
-    FP32_MIN_AGREEMENT,
-    check_fp16_typing,
-    check_graph,
-    check_thresholds,
-    compare_logits,
-    convert_fp16,
-    export_onnx,
-    verification_tiles,
-    verify_onnx,
-)
+from fcn_deploy.export.fp16 import check_fp16_typing, convert_fp16
+from fcn_deploy.export.graph import check_graph
+from fcn_deploy.export.torch_export import DEFAULT_OPSET, export_onnx
+from fcn_deploy.export.verify import verification_tiles, verify_logits, verify_onnx
+from fcn_deploy.parity.metrics import compare_logits
+from fcn_deploy.parity.thresholds import DEFAULT_THRESHOLDS
+
+FP32_MIN_AGREEMENT = DEFAULT_THRESHOLDS["fp32"]["agreement"]  # % of pixels
+FP32_MAX_ABS = DEFAULT_THRESHOLDS["fp32"]["max_abs"]
+FP16_MIN_AGREEMENT = DEFAULT_THRESHOLDS["fp16"]["agreement"]
 from fcn_deploy.fileio import sha256_file
 from fcn_deploy.model import FCN, load_checkpoint
 from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC_COLORMAP
@@ -216,7 +212,7 @@ def test_read_artifact_meta_refusals(tmp_path):
 def test_export_verification_within_fp32_thresholds(onnx_path):
     v = read_artifact_meta(onnx_path)["verification"]
     assert v["tiles"] == 3
-    assert v["argmax_agreement"] >= FP32_MIN_AGREEMENT
+    assert v["agreement"] >= FP32_MIN_AGREEMENT and v["nonfinite"] == 0
     assert 0 < v["mean_abs"] <= v["max_abs"] <= FP32_MAX_ABS
 
 
@@ -226,34 +222,38 @@ def test_perturbed_model_fails_verification(model, checkpoint_path):
     init = next(t for t in bad.graph.initializer if t.name == _convt(bad).input[2])  # ConvTranspose bias
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(0.01), init.name))
     tiles = verification_tiles(1, H, W, IMAGENET_MEAN, IMAGENET_STD)
-    with pytest.raises(VerificationError, match=r"max abs diff 0.01 > 0.001 \(by 0.009") as info:
+    with pytest.raises(VerificationError, match=r"ONNX fp32 vs PyTorch fp32: max abs logit difference 1.0\de-02 > 1.00e-03 \(over by 9") as info:
         verify_onnx(bad, net, tiles, batch=1)
     assert info.value.exit_code == 1
     assert verify_onnx(model, net, tiles, batch=1)["max_abs"] <= FP32_MAX_ABS
 
 
 def test_metrics_and_thresholds_on_known_arrays():
+    """Export's verification uses check's metrics and its threshold table (percentages)."""
     ref = np.zeros((1, 2, 10, 10), np.float32)
     ref[:, 1] = 1.0  # class 1 everywhere
     cand = ref.copy()
     cand[0, 0, 0, :3] = 2.0  # 3 of 100 pixels flip to class 0, by up to 2.0
     metrics = compare_logits(ref, cand)
-    assert metrics == {"max_abs": 2.0, "mean_abs": pytest.approx(6 / 200), "argmax_agreement": 0.97, "tiles": 1}
-    with pytest.raises(VerificationError, match=r"agreement 97.0000% < 99.50% \(2.5000 points short\)$"):
-        check_thresholds(metrics, what="x", min_agreement=0.995)
-    with pytest.raises(VerificationError, match=r"agreement .*short\); max abs diff 2 > 0.001"):
-        check_thresholds(metrics, what="x", min_agreement=0.9999, max_abs=1e-3)
-    check_thresholds(metrics, what="x", min_agreement=0.97, max_abs=2.0)
+    assert metrics["max_abs"] == 2.0 and metrics["mean_abs"] == pytest.approx(6 / 200)
+    assert metrics["agreement"] == pytest.approx(97.0) and metrics["tiles"] == 1 and metrics["nonfinite"] == 0
+    with pytest.raises(VerificationError, match=r"x: argmax agreement 97.00% < 99.50% \(short by 2.50 points\)$"):
+        verify_logits(ref, cand, what="x", precision="fp16")
+    with pytest.raises(VerificationError, match=r"agreement .*short by .*\); x: max abs logit difference 2.00e\+00 > 1.00e-03"):
+        verify_logits(ref, cand, what="x", precision="fp32")
+    assert verify_logits(ref, ref.copy(), what="x", precision="fp32")["max_abs"] == 0.0
     cand[0, 1, 5, 5] = np.inf  # e.g. float16 overflow: fails even without a max-abs threshold
-    with pytest.raises(VerificationError, match=r"max abs diff is inf \(non-finite logits\)"):
-        check_thresholds(compare_logits(ref, cand), what="x", min_agreement=0.9)
+    cand[0, 1, 5, 6] = np.nan
+    assert compare_logits(ref, cand)["nonfinite"] == 2
+    with pytest.raises(VerificationError, match=r"x: non-finite \(NaN/inf\) logits 2 > 0"):
+        verify_logits(ref, cand, what="x", precision="fp16")
 
 
 def test_failed_export_leaves_no_file(checkpoint_path, tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise VerificationError("forced failure")
 
-    monkeypatch.setattr("fcn_deploy.export.verify_onnx", failing)
+    monkeypatch.setattr("fcn_deploy.export.torch_export.verify_onnx", failing)
     with pytest.raises(VerificationError, match="forced failure"):
         export_onnx(checkpoint_path, tmp_path / "out" / "fcn.onnx", height=64, width=96)
     assert list(tmp_path.rglob("*")) == []  # neither the ONNX, its sidecar nor a temporary file
@@ -283,7 +283,7 @@ def test_fp16_metadata_and_parity(fp16_onnx_path, onnx_path, checkpoint_path):
     assert meta["precision"] == "fp16" and meta["keep_fp32"] == []
     assert meta["parent"] == {"path": str(onnx_path.resolve()), "sha256": sha256_file(onnx_path)}
     assert meta["io"] == parent_meta["io"]
-    assert meta["verification"]["argmax_agreement"] >= FP16_MIN_AGREEMENT
+    assert meta["verification"]["agreement"] >= FP16_MIN_AGREEMENT
     # independent check against the float32 PyTorch model, on other tiles
     tiles = verification_tiles(2, H, W, meta["mean"], meta["std"], seed=7)
     out16 = _session(fp16_onnx_path).run(["logits"], {"image": tiles})[0]
@@ -291,7 +291,7 @@ def test_fp16_metadata_and_parity(fp16_onnx_path, onnx_path, checkpoint_path):
     net, _ = load_checkpoint(checkpoint_path)
     with torch.inference_mode():
         ref = net(torch.from_numpy(tiles)).numpy()
-    assert compare_logits(ref, out16)["argmax_agreement"] >= FP16_MIN_AGREEMENT
+    assert compare_logits(ref, out16)["agreement"] >= FP16_MIN_AGREEMENT
 
 
 def test_fp16_keep_convtranspose_in_fp32(onnx_path, tmp_path, ckpt_weight):
@@ -405,7 +405,7 @@ def test_embed_meta_replaces_previous_entry():
 def test_fp16_of_trained_weights_with_tiny_values(tmp_path):
     """Weight decay leaves many |w| < 1e-7 in a trained transposed conv: the FP16 conversion must
     round them (not lift them to the converter's default 1e-7 floor) and still pass the checks."""
-    from fcn_deploy.export import FP16_TINY
+    from fcn_deploy.export.fp16 import FP16_TINY
     from fcn_deploy.model import save_checkpoint
 
     torch.manual_seed(1)
@@ -422,3 +422,30 @@ def test_fp16_of_trained_weights_with_tiny_values(tmp_path):
     assert tiny.sum() > 1000
     assert np.abs(got[tiny].astype(np.float32)).max() <= FP16_TINY
     assert np.array_equal(got[~tiny], ref[~tiny].astype(np.float16))
+
+
+def test_export_output_path_checked_before_the_work(checkpoint_path, tmp_path, monkeypatch):
+    """Issue 10, defect 6: `export -o afile/fcn.onnx` exported and verified before failing to write."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the export started before its output path was checked")
+
+    monkeypatch.setattr("fcn_deploy.model.load_checkpoint", no_work)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    res = CliRunner().invoke(cli, ["export", str(checkpoint_path), "-o", str(blocker / "fcn.onnx")])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert "error: cannot write" in res.output and "afile is a file, not a folder" in res.output
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("location, why", [("w.data", "not regular file"), ("../../etc/passwd", "points outside")])
+def test_build_engine_onnx_with_missing_or_escaping_external_data_is_one_line(tmp_path, location, why, external_data_onnx):
+    """Issue 10, defect 10: build-engine showed an onnx ValidationError traceback (the fix is in
+    artifacts.load_onnx, which read_artifact_meta and the engine build use)."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    path = external_data_onnx(tmp_path / "export", location)
+    with pytest.raises(ExportError, match=f"fcn.onnx is not a readable ONNX model .*{why}"):
+        read_artifact_meta(path)
+    res = CliRunner().invoke(cli, ["build-engine", str(path), "--fp32", "--trt", "rtx", "-o", str(tmp_path / "e.engine")])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert "Traceback" not in res.output and why in res.output

@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 
 from fcn_deploy.errors import UsageError, VerificationError
-from fcn_deploy.parity import (
-    DEFAULT_THRESHOLDS,
-    ParityAccumulator,
-    apply_thresholds,
-    histogram_quantile,
-    parse_thresholds,
-    raise_on_failures,
-)
+from fcn_deploy.parity.check import check, parse_backends
+from fcn_deploy.parity.metrics import ParityAccumulator, histogram_quantile
+from fcn_deploy.parity.thresholds import DEFAULT_THRESHOLDS, apply_thresholds, parse_thresholds, raise_on_failures
 
 
 # -- pure metrics ----------------------------------------------------------------------------
@@ -125,26 +120,63 @@ def test_shape_mismatch_is_usage_error():
 
 # -- thresholds ------------------------------------------------------------------------------
 def test_parse_thresholds_overrides_and_errors():
-    limits = parse_thresholds(["fp32.max_abs=2e-3", "fp16.miou_gt_change=off", "int8.agreement=98"])
+    limits = parse_thresholds(["fp32.max_abs=2e-3", "fp16.miou_gt_change=off", "FP16.agreement=98"])
     assert limits["fp32"] == {"agreement": 99.99, "max_abs": 2e-3}
-    assert limits["fp16"] == {"agreement": 99.5}
-    assert limits["int8"] == {"agreement": 98.0}
+    assert limits["fp16"] == {"agreement": 98.0}
     assert DEFAULT_THRESHOLDS["fp32"]["max_abs"] == 1e-3  # defaults untouched
     for bad, why in [("fp32.max_abs", "PRECISION.METRIC=VALUE"), ("fp32.speed=1", "unknown metric"),
-                     ("fp32.max_abs=abc", "not a number"), ("max_abs=1", "PRECISION.METRIC")]:
+                     ("fp32.max_abs=abc", "not a number"), ("max_abs=1", "PRECISION.METRIC"),
+                     ("fp32.nonfinite=5", "unknown metric")]:  # non-finite logits always fail
         with pytest.raises(UsageError, match=why):
             parse_thresholds([bad])
+
+
+@pytest.mark.parametrize("bad, why", [
+    # issue 10, defect 4: each of these weakened the gate silently
+    ("fp16.agreement=0.999", r"agreement is a percentage \(0-100\], e.g. agreement=99.9; 0.999 looks like a fraction"),
+    ("fp32.miou_vs_reference=0.5", "is a percentage"),
+    ("f16.agreement=99.9", "unknown precision 'f16'; choose from fp32, fp16"),
+    ("fp32.agreement=150", "cannot exceed 100"),
+    ("fp32.max_abs=-1", "cannot be negative"),
+    ("fp16.miou_gt_change=-0.5", "cannot be negative"),
+    ("fp32.cosine_min=1.5", r"similarity in \[0, 1\]"),
+])
+def test_threshold_that_would_weaken_the_gate_is_refused(bad, why):
+    with pytest.raises(UsageError, match=why) as err:
+        parse_thresholds([bad])
+    assert "\n" not in str(err.value) and repr(bad) in str(err.value)
+
+
+def test_non_finite_logits_fail_the_check():
+    """Issue 10, defect 5: NaN logits passed max_abs (max(0.0, nan) is 0.0, NaN in the first bin)."""
+    ref = _one_hot(REF_LABELS)
+    out = ref.copy()
+    out[0, 1, 0, 0] = np.nan
+    out[1, 2, 1, 1] = np.inf
+    acc = ParityAccumulator(3)
+    acc.update(ref, out)
+    m = acc.result()
+    assert m["nonfinite"] == 2 and m["max_abs"] == 0.0  # the finite values match exactly
+    outcomes = apply_thresholds("ort", "fp32", m, parse_thresholds(["fp32.agreement=off"]))
+    assert [(o.metric, o.passed) for o in outcomes] == [("nonfinite", False), ("max_abs", True)]
+    assert outcomes[0].message == "ort: non-finite (NaN/inf) logits 2 > 0 (over by 2)"
+    with pytest.raises(VerificationError, match="non-finite"):
+        raise_on_failures({"ort": outcomes})
+    clean = ParityAccumulator(3)
+    clean.update(ref, ref.copy())
+    assert all(o.passed for o in apply_thresholds("ort", "fp32", clean.result(), parse_thresholds(None)))
 
 
 def test_failure_messages_name_metric_and_gap():
     limits = parse_thresholds(None)
     fp16 = apply_thresholds("ort-fp16", "fp16", {"agreement": 98.7, "miou_gt_change": None}, limits)
-    assert [o.passed for o in fp16] == [False, True]
+    assert [o.passed for o in fp16] == [True, False, True]  # nonfinite (absent: not checked) first
+    fp16 = fp16[1:]
     assert fp16[0].message == "ort-fp16: argmax agreement 98.70% < 99.50% (short by 0.80 points)"
-    fp32 = apply_thresholds("ort", "fp32", {"agreement": 99.985, "max_abs": 2.13e-3}, limits)
+    fp32 = apply_thresholds("ort", "fp32", {"agreement": 99.985, "max_abs": 2.13e-3}, limits)[1:]
     assert fp32[0].message == "ort: argmax agreement 99.985% < 99.990% (short by 0.005 points)"
     assert fp32[1].message == "ort: max abs logit difference 2.13e-03 > 1.00e-03 (over by 1.13e-03)"
-    drop = apply_thresholds("trt", "fp16", {"agreement": 99.9, "miou_gt_change": -0.8}, limits)
+    drop = apply_thresholds("trt", "fp16", {"agreement": 99.9, "miou_gt_change": -0.8}, limits)[1:]
     assert drop[1].message == (
         "trt: mIoU change vs ground truth 0.80 points > 0.50 points (over by 0.30 points)")
     with pytest.raises(VerificationError, match="short by 0.80 points.*over by 1.13e-03"):
@@ -155,8 +187,6 @@ def test_failure_messages_name_metric_and_gap():
 
 
 def test_parse_backends():
-    from fcn_deploy.parity import parse_backends
-
     assert parse_backends(("ort,trt", "ort")) == (["ort", "trt"], False)
     assert parse_backends("all") == (["ort", "ort-fp16", "trt"], True)
     with pytest.raises(UsageError, match="--backend must be one of .* not 'torch'"):
@@ -165,8 +195,6 @@ def test_parse_backends():
 
 # -- the whole check on the fixtures ---------------------------------------------------------
 def _check(backends, checkpoint_path, export_dir, voc_root, tmp_path, **kw):
-    from fcn_deploy.parity import check
-
     kw.setdefault("max_tiles", 2)
     return check(backends, model=checkpoint_path, export_dir=export_dir, engines_dir=tmp_path / "engines",
                  voc_root=voc_root, **kw)
@@ -204,12 +232,12 @@ def test_matching_backends_pass(checkpoint_path, onnx_path, fp16_onnx_path, voc_
     m = ort["metrics"]
     assert m["max_abs"] <= 1e-3 and m["agreement"] >= 99.99 and m["cosine_min"] > 0.999999
     assert m["mean_abs"] <= m["p99_abs"] <= m["max_abs"] * 1.0091
-    assert {c["metric"] for c in ort["checks"]} == {"agreement", "max_abs"}
+    assert {c["metric"] for c in ort["checks"]} == {"nonfinite", "agreement", "max_abs"}
     f = fp16["metrics"]
     assert f["agreement"] >= 99.5 and f["max_abs"] > m["max_abs"]
     assert f["miou_gt_reference"] == pytest.approx(m["miou_gt_reference"])  # same reference
     assert f["miou_gt_change"] == pytest.approx(f["miou_gt_backend"] - f["miou_gt_reference"])
-    assert {c["metric"] for c in fp16["checks"]} == {"agreement", "miou_gt_change"}
+    assert {c["metric"] for c in fp16["checks"]} == {"nonfinite", "agreement", "miou_gt_change"}
     print("\nort-fp16 vs torch fp32 (random weights, 3 VOC tiles):",
           {k: f[k] for k in ("max_abs", "mean_abs", "p99_abs", "cosine_min", "agreement", "miou_vs_reference",
                              "miou_gt_change")})
@@ -250,7 +278,7 @@ def test_cli_check_exit_codes(checkpoint_path, perturbed_export, voc_root, tmp_p
     assert "ort: max abs logit difference" in failed.output
     assert "FAIL" in failed.output  # the table came first
     loose = CliRunner().invoke(cli, base + ["--export-dir", str(perturbed_export), "--threshold", "fp32.max_abs=off",
-                                            "--threshold", "fp32.agreement=0"])
+                                            "--threshold", "fp32.agreement=off"])
     assert loose.exit_code == 0, loose.output
     assert "PASS" in loose.output
     missing = CliRunner().invoke(cli, base + ["--export-dir", str(tmp_path / "nothing")])
@@ -281,8 +309,6 @@ def test_stale_and_missing_artifacts(checkpoint_path, onnx_path, fp16_onnx_path,
 
 def test_photo_folder_source_pads_and_skips_unreadable(checkpoint_path, onnx_path, tmp_path):
     from PIL import Image
-
-    from fcn_deploy.parity import check
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -329,3 +355,36 @@ def test_fixed_batch_onnx_is_checked_with_padded_batches(checkpoint_path, onnx_p
     result = _check(["ort"], checkpoint_path, folder, voc_root, tmp_path, max_tiles=3, batch_size=4)
     (entry,) = result.checked
     assert result.passed and entry.metrics["tiles"] == 3
+
+
+@pytest.mark.parametrize("location, why", [("w.data", "not regular file"), ("../../etc/passwd", "points outside")])
+def test_check_onnx_with_missing_or_escaping_external_data_is_one_line(checkpoint_path, tmp_path, location, why,
+                                                                        external_data_onnx):
+    """Issue 10, defect 10: check showed an onnx ValidationError traceback."""
+    from click.testing import CliRunner
+
+    from fcn_deploy.cli import cli
+
+    export = tmp_path / "export"
+    external_data_onnx(export, location)
+    res = CliRunner().invoke(cli, ["check", "--backend", "ort", "--model", str(checkpoint_path),
+                                   "--export-dir", str(export), "--synthetic", "2"])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert "Traceback" not in res.output
+    line = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "fcn.onnx is not a readable ONNX model" in line[0] and why in line[0]
+
+
+def test_check_report_path_checked_before_the_work(checkpoint_path, onnx_path, tmp_path, monkeypatch):
+    """Issue 10, defect 6: an unwritable --report was found only after every backend had run."""
+    import fcn_deploy.parity.check as check_mod
+    from fcn_deploy.errors import FcnDeployError
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the check started before its --report path was checked")
+
+    monkeypatch.setattr(check_mod, "tile_source", no_work)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(FcnDeployError, match=r"cannot write .*afile/r.json: .*afile is a file, not a folder"):
+        check(["ort"], model=checkpoint_path, export_dir=onnx_path.parent, report=blocker / "r.json")

@@ -335,3 +335,69 @@ def test_fixed_batch_runner_pads_a_short_batch(onnx_path, tmp_path):
         labels = runner.infer(tiles[:2], "labels")
     assert short.shape == (1, 21, 320, 480) and np.allclose(short[0], full[0], atol=1e-4)
     assert labels.shape == (2, 320, 480) and np.array_equal(labels, full[:2].argmax(1))
+
+
+def test_every_command_refuses_a_stale_onnx_the_same_way(checkpoint_path, onnx_path, fp16_onnx_path, tmp_path):
+    """Issue 10, structure 1: `infer --backend ort` never checked staleness; now create_runner
+    (infer, evaluate, bench) resolves through fcn_deploy.chain like check does."""
+    import shutil
+
+    import onnx
+    from click.testing import CliRunner
+
+    from fcn_deploy.artifacts import embed_meta, meta_from_model
+    from fcn_deploy.chain import resolve
+    from fcn_deploy.cli import cli
+    from fcn_deploy.errors import StaleArtifactError
+    from fcn_deploy.fileio import sha256_file
+    from fcn_deploy.model import FCN, save_checkpoint
+
+    export = tmp_path / "export"
+    export.mkdir()
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(checkpoint_path, ckpt)
+    model = onnx.load(onnx_path)
+    meta = meta_from_model(model)
+    meta["parent"] = {"path": str(ckpt), "sha256": sha256_file(ckpt)}
+    embed_meta(model, meta)
+    onnx.save(model, export / "fcn.onnx")  # new bytes: the fixture's fcn.fp16.onnx is now stale
+    shutil.copy(fp16_onnx_path, export / "fcn.fp16.onnx")
+    assert resolve("ort", export_dir=export).stale is None
+    with pytest.raises(StaleArtifactError, match=r"fcn.fp16.onnx is stale: made from a fcn.onnx .*rebuild it: fcn-deploy export"):
+        create_runner("ort-fp16", export_dir=export)
+    torch.manual_seed(3)
+    save_checkpoint(ckpt, FCN().eval())  # the checkpoint changes: fcn.onnx is stale too
+    with pytest.raises(StaleArtifactError, match=r"fcn.onnx is stale: made from a model.pt with sha256 \w+, but .*model.pt now has"):
+        create_runner("ort", export_dir=export)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    res = CliRunner().invoke(cli, ["infer", str(photos), "-o", str(tmp_path / "out"), "--backend", "ort",
+                                   "--model", str(export / "fcn.onnx")])
+    assert res.exit_code == 2 and "error: " in res.output and "fcn.onnx is stale" in res.output, res.output
+    # a parent that is absent does not make an artifact stale (a user who only has the ONNX)
+    ckpt.unlink()
+    assert resolve("ort", export_dir=export).stale is None
+    (export / "fcn.onnx").unlink()
+    assert resolve("ort-fp16", export_dir=export).stale is None
+
+
+def test_registry_lists_every_backend_once():
+    from fcn_deploy.runners.registry import CHECK_BACKENDS, REGISTRY, get_backend
+
+    assert CHECK_BACKENDS == ("ort", "ort-fp16", "trt")
+    assert {s.name: (s.artifact, s.precision) for s in REGISTRY.values()} == {
+        "torch": ("checkpoint", None), "ort": ("onnx", "fp32"), "ort-fp16": ("onnx", "fp16"), "trt": ("engine", None)}
+    assert get_backend("ort").available() is None  # onnxruntime is installed here
+    missing = get_backend("ort").__class__("x", "fp32", "onnx", None, ("no_such_module_fcn",), "pip install x", "")
+    assert missing.available() == "--backend x needs no_such_module_fcn, which is not installed; pip install x"
+
+
+def test_missing_onnxruntime_names_both_extras(monkeypatch):
+    import sys
+
+    from fcn_deploy.errors import BackendUnavailableError
+    from fcn_deploy.ortimport import import_onnxruntime
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'fcn-deploy\[cpu\]' .* or 'fcn-deploy\[gpu\]'"):
+        import_onnxruntime()

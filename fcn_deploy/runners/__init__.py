@@ -1,33 +1,21 @@
 """Runners: one interface (activate / infer / deactivate, usable with ``with``) per backend.
 
-Backend modules import their heavy dependencies (torch, onnxruntime, tensorrt, pycuda) only when
+Backend modules import their heavy dependencies (torch, onnxruntime, tensorrt) only when
 a runner is created or activated, so ``import fcn_deploy.runners`` needs none of them.
-:func:`create_runner` resolves the default artifact chain (``model.pt``, ``export/``,
-``engines/``) so that a user never has to type a path.
+:func:`create_runner` finds the artifact through :func:`fcn_deploy.chain.resolve` (``model.pt``,
+``export/``, ``engines/``) so that a user never has to type a path, and builds the runner from the
+backend's entry in :mod:`fcn_deploy.runners.registry`.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from fcn_deploy.errors import ArtifactNotFoundError, UsageError
 from fcn_deploy.runners.base import Runner, TensorSpec
+from fcn_deploy.runners.registry import BACKENDS, get_backend
 
-#: Backend names accepted by :func:`create_runner` and ``--backend``.
-BACKENDS = ("torch", "ort", "ort-fp16", "trt")
-
-#: Default checkpoint path of the ``torch`` backend.
-DEFAULT_CHECKPOINT = "model.pt"
-
-__all__ = ["BACKENDS", "DEFAULT_CHECKPOINT", "Runner", "TensorSpec", "create_runner"]
-
-
-def _existing(path: Path, what: str, how: str) -> Path:
-    if not path.is_file():
-        raise ArtifactNotFoundError(f"{what} {path} not found; run `{how}` first")
-    return path
+__all__ = ["BACKENDS", "Runner", "TensorSpec", "create_runner"]
 
 
 def create_runner(
@@ -52,42 +40,17 @@ def create_runner(
         precision: ``fp32``/``fp16`` for ``torch`` and ``trt``; for ``ort*`` the ONNX decides,
             so it must be None or match the backend.
         kwargs: passed on to the runner (``tile_hw``, ``channels_last``, ``threads``, ...).
+
+    Raises:
+        StaleArtifactError: the artifact descends from a parent that changed since
+            (:func:`fcn_deploy.chain.resolve`); every command refuses it the same way.
     """
+    from fcn_deploy.chain import resolve
     from fcn_deploy.runners.torch_runner import parse_device
 
+    spec = get_backend(backend)
     device = parse_device(device)
-    export_dir, engines_dir = Path(export_dir), Path(engines_dir)
-    if backend == "torch":
-        path = Path(model) if model is not None else _existing(
-            Path(DEFAULT_CHECKPOINT), "checkpoint", "fcn-deploy train -o model.pt"
-        )
-        from fcn_deploy.runners.torch_runner import TorchRunner
-
-        return TorchRunner(path, device=device, precision=precision or "fp32", **kwargs)
-    if backend in ("ort", "ort-fp16"):
-        own = "fp16" if backend == "ort-fp16" else "fp32"
-        if precision not in (None, own):
-            other = "ort-fp16" if precision == "fp16" else "ort"
-            raise UsageError(f"--backend {backend} runs the {own} ONNX; use --backend {other} for {precision}")
-        if model is not None:
-            path = Path(model)
-        elif backend == "ort":
-            path = _existing(export_dir / "fcn.onnx", "ONNX model", "fcn-deploy export model.pt")
-        else:
-            path = _existing(export_dir / "fcn.fp16.onnx", "FP16 ONNX model", "fcn-deploy export model.pt --fp16")
-        from fcn_deploy.runners.onnxrt import OnnxRuntimeRunner
-
-        if device.startswith("cuda"):
-            kwargs.setdefault("providers", ("cuda",))
-            kwargs.setdefault("device_id", int(device.partition(":")[2] or 0))
-        runner = OnnxRuntimeRunner(path, **kwargs)
-        runner.name = backend
-        return runner
-    if backend == "trt":
-        from fcn_deploy.trt.sidecar import find_engine
-        from fcn_deploy.trt.runtime import TensorRTRunner
-
-        path = Path(model) if model is not None else find_engine(engines_dir, precision=precision)
-        # TensorRT always runs on a GPU; "cuda:N" picks which (default 0, also for "cpu").
-        return TensorRTRunner(path, device=int(device.partition(":")[2] or 0), **kwargs)
-    raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    resolved = resolve(backend, model, export_dir=export_dir, engines_dir=engines_dir, precision=precision)
+    path = resolved.require_fresh()
+    return spec.factory(path, device=device, precision=resolved.precision if spec.artifact == "checkpoint" else precision,
+                        **kwargs)

@@ -106,9 +106,10 @@ def _fp16_onnx(onnx_path: Path, onnx_sha: str) -> tuple[Path, bool]:
     """The FP16 child of an FP32 export, (re)made when absent or stale; returns (path, written)."""
     from fcn_deploy.artifacts import read_artifact_meta
     from fcn_deploy.errors import FcnDeployError
-    from fcn_deploy.export import convert_fp16, fp16_output_path
+    from fcn_deploy.chain import fp16_onnx_path
+    from fcn_deploy.export.fp16 import convert_fp16
 
-    fp16 = fp16_output_path(onnx_path)
+    fp16 = fp16_onnx_path(onnx_path)
     if fp16.is_file():
         try:
             if read_artifact_meta(fp16)["parent"]["sha256"] == onnx_sha:
