@@ -685,7 +685,7 @@ def check(
     batch_size: int = 4,
     max_tiles: int = DEFAULT_MAX_TILES,
     worst: int = 3,
-    device: str = "cpu",
+    device: str = "auto",
     force: bool = False,
     echo: Echo | None = None,
     progress: bool = False,
