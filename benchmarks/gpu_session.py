@@ -131,6 +131,10 @@ def step_env(ctx: Ctx) -> None:
                 out[name] = md.version(name)
             except md.PackageNotFoundError:
                 out[name] = None
+        import importlib.util
+
+        out["missing_modules"] = [m for m in ("tqdm", "onnxscript", "onnx_ir", "onnxconverter_common", "ml_dtypes", "pytest")
+                                  if importlib.util.find_spec(m) is None]
         import torch
 
         out["torch_cuda"] = torch.version.cuda
@@ -646,7 +650,7 @@ def step_summary(ctx: Ctx) -> None:
     lines = [f"# GPU session ({'DRY RUN on the CPU' if ctx.dry else v.get('gpu') or 'no GPU'})", ""]
     lines.append(f"- device: {v.get('gpu')}; torch {v.get('torch')} (CUDA {v.get('torch_cuda')}, cuDNN {v.get('cudnn')}); "
                  f"onnxruntime {v.get('onnxruntime-gpu') or v.get('onnxruntime')} {v.get('ort_providers')}; "
-                 f"--device auto -> {v.get('auto_device')}")
+                 f"--device auto -> {v.get('auto_device')}; modules missing: {v.get('missing_modules')}")
     smi = env.get("nvidia_smi", {})
     if smi.get("query"):
         lines.append(f"- nvidia-smi: {smi['query'].splitlines()[-1]}")
