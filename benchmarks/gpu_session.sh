@@ -53,7 +53,7 @@ step() {
 }
 
 echo "work: $WORK  out: $OUT  dry-run: $DRY"
-step 20 env env
+step 30 env env
 step 90 artifacts artifacts
 step 30 images images
 step 90 engine-ort16 engine ort16
