@@ -567,3 +567,60 @@ def test_ort_cuda_tensor_path_binds_device_memory_in_stream_order(onnx_path, cud
     assert np.abs(host - ref).max() <= 1e-3
     assert labels.dtype == torch.uint8 and torch.equal(labels, logits.argmax(1).to(torch.uint8))
     assert again.shape == (2, 21, 320, 480) and not torch.equal(again, logits[:2])
+
+
+def test_ort_cuda_tensor_call_order_with_a_recording_fake(onnx_path, monkeypatch):
+    """Our side of the IO-binding path, against recording fakes of the onnxruntime session and the
+    torch streams (the real thing runs in the gpu-marked test above): the runner's stream waits
+    for the caller's before the run, the input and a fresh output are bound by pointer with the
+    right dtype and shape, and the caller's stream waits for the runner's after it."""
+    log: list = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+        def synchronize(self):
+            log.append(("synchronize", self.name))
+
+    class Binding:
+        def bind_input(self, *args):
+            log.append(("bind_input", *args))
+
+        def bind_output(self, *args):
+            log.append(("bind_output", *args))
+
+    class Session:
+        def io_binding(self):
+            return Binding()
+
+        def run_with_iobinding(self, binding, run_options):
+            log.append(("run", run_options))
+
+    caller = Stream("caller")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(("record", t.data_ptr(), s.name)))
+    tiles = torch.from_numpy(_tiles(2, hw=(320, 480)))
+    with OnnxRuntimeRunner(onnx_path, threads=1) as runner:
+        runner._torch, runner._stream, runner._run_options = torch, Stream("ort"), "no-sync"
+        runner._session = Session()
+        for output, name, shape, dtype in (("logits", "logits", (2, 21, 320, 480), np.float32),
+                                           ("labels", runner._labels_name, (2, 320, 480), np.uint8)):
+            log.clear()
+            result = runner._infer_tensor(tiles, output)
+            assert tuple(result.shape) == shape and result.dtype == getattr(torch, np.dtype(dtype).name)
+            assert log == [
+                ("wait", "ort", "caller"),
+                ("bind_input", "image", "cuda", 0, np.dtype(np.float32), (2, 3, 320, 480), tiles.data_ptr()),
+                ("bind_output", name, "cuda", 0, np.dtype(dtype), shape, result.data_ptr()),
+                ("run", "no-sync"),
+                ("wait", "caller", "ort"),
+                ("record", tiles.data_ptr(), "ort"),
+                ("record", result.data_ptr(), "caller"),
+            ]
+        log.clear()
+    assert log == [("synchronize", "ort")]  # deactivate waits for the runner's stream
