@@ -154,7 +154,7 @@ def _infer(r: DemoResult, progress: bool) -> str:
     from fcn_deploy.voc import list_split
 
     photos = [sample.image_path for sample in list_split(r.paths["voc"], "val")]
-    summary = run_inference(photos, r.paths["predictions"], runner=create_runner("ort", r.paths["onnx"]),
+    summary = run_inference(photos, r.paths["predictions"], runner=create_runner("ort", r.paths["onnx"], device="cpu"),
                             overlay=True, progress=progress)
     if summary.failed:
         raise FcnDeployError(f"{len(summary.failed)} images failed: {summary.failed[0][1]}")
@@ -169,7 +169,7 @@ def _check(s: DemoSettings, r: DemoResult, echo: Callable[[str], None]) -> str:
     report = check(("all",), model=r.paths["model"], export_dir=r.paths["onnx"].parent,
                    engines_dir=r.paths["engines"], voc_root=r.paths["voc"], max_tiles=s.check_tiles,
                    report=r.paths["check_report"], disagreement_dir=r.paths["disagreement"], force=True,
-                   echo=echo)
+                   device="cpu", echo=echo)
     r.numbers["check"] = report.as_dict()
     names = ", ".join(b.backend for b in report.checked)
     return f"{names}: all within thresholds; report {r.paths['check_report']}"
@@ -179,7 +179,7 @@ def _evaluate(r: DemoResult, echo: Callable[[str], None]) -> str:
     from fcn_deploy.evaluate import evaluate
 
     result = evaluate(r.paths["voc"], backend="ort", model=r.paths["onnx"], report=r.paths["evaluate_report"],
-                      grid=r.paths["grid"], force=True, echo=echo)
+                      grid=r.paths["grid"], device="cpu", force=True, echo=echo)
     r.numbers["evaluate"] = {k: result[k] for k in ("pixel_acc", "class_acc", "miou", "images_per_s")}
     return f"mIoU {result['miou']:.1f}%, pixel accuracy {result['pixel_acc']:.1f}% -> {r.paths['grid']}"
 

@@ -132,7 +132,7 @@ def evaluate(
     split: str = "val",
     backend: str = "ort",
     model: str | os.PathLike | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = 8,
     overlap: int | None = None,
     report: str | os.PathLike | None = None,
@@ -168,6 +168,7 @@ def evaluate(
         result, kept = evaluate_runner(runner, samples, batch_size=batch_size, overlap=overlap,
                                        progress=progress)
         meta = dict(runner.meta)
+        device = runner.device
     result = {"fcn_deploy_version": __version__, "voc_root": str(voc_root), "split": split,
               "backend": backend, "model": None if model is None else str(model),
               "precision": meta.get("precision"), "device": device, **result}

@@ -276,7 +276,7 @@ def test_factory_missing_defaults_name_the_command(tmp_path, monkeypatch):
 def test_factory_builds_runners(checkpoint_path, tmp_path):
     runner = create_runner("torch", checkpoint_path, tile_hw=SMALL)
     assert isinstance(runner, TorchRunner) and runner.precision == "fp32" and not runner.is_active
-    ort = create_runner("ort-fp16", tmp_path / "m.onnx")
+    ort = create_runner("ort-fp16", tmp_path / "m.onnx", device="cpu")
     assert isinstance(ort, OnnxRuntimeRunner) and ort.name == "ort-fp16" and ort.providers == ("cpu",)
     gpu = create_runner("ort", tmp_path / "m.onnx", device="cuda:1")
     assert gpu.providers == ("cuda",) and gpu._device_id == 1
@@ -285,6 +285,184 @@ def test_factory_builds_runners(checkpoint_path, tmp_path):
         create_runner("ort", tmp_path / "m.onnx", precision="fp16")
     with pytest.raises(UsageError, match="--device must be"):
         create_runner("ort", tmp_path / "m.onnx", device="gpu")
+
+
+# -- torch tensors in, torch tensors out ---------------------------------------------------
+def test_torch_tensor_path_equals_numpy_path(small_torch):
+    x = _tiles(3, seed=5)
+    with small_torch as runner:
+        assert runner.device == "cpu"
+        logits_np = runner.infer(x)
+        labels_np = runner.infer(x, "labels")
+        logits = runner.infer(torch.from_numpy(x))
+        assert runner.last_inference_time > 0
+        labels = runner.infer(torch.from_numpy(x), output="labels")
+    assert isinstance(logits, torch.Tensor) and logits.dtype == torch.float32 and logits.device.type == "cpu"
+    assert logits.shape == (3, 21, *SMALL) and logits.is_contiguous()
+    np.testing.assert_allclose(logits.numpy(), logits_np, rtol=0, atol=1e-5)
+    assert labels.dtype == torch.uint8 and labels.shape == (3, *SMALL)
+    np.testing.assert_array_equal(labels.numpy(), labels_np)
+    logits.mul_(2)  # a normal tensor (not an inference-mode one): callers may update it in place
+
+
+def test_ort_cpu_tensor_path_equals_numpy_path(onnx_path):
+    x = _tiles(2, hw=(320, 480), seed=6)
+    with OnnxRuntimeRunner(onnx_path, threads=1) as runner:
+        assert runner.device == "cpu"
+        logits_np, labels_np = runner.infer(x), runner.infer(x, "labels")
+        logits = runner.infer(torch.from_numpy(x))
+        labels = runner.infer(torch.from_numpy(x), "labels")
+    assert isinstance(logits, torch.Tensor) and logits.dtype == torch.float32 and logits.shape == (2, 21, 320, 480)
+    np.testing.assert_array_equal(logits.numpy(), logits_np)
+    assert isinstance(labels, torch.Tensor) and labels.dtype == torch.uint8
+    np.testing.assert_array_equal(labels.numpy(), labels_np)
+
+
+def test_tensor_input_validation_messages(small_torch):
+    x = torch.from_numpy(_tiles(2))
+    with small_torch as runner:
+        with pytest.raises(InputMismatchError) as err:
+            runner.infer(x.double())
+        assert str(err.value) == (
+            "torch: received float64 (2, 3, 64, 96) on cpu, expected image float32 (N,3,64,96) on cpu"
+        )
+        with pytest.raises(InputMismatchError, match=r"received float32 \(2, 3, 64, 64\) on cpu, expected"):
+            runner.infer(x[..., :64])
+        with pytest.raises(InputMismatchError, match="received an empty batch"):
+            runner.infer(x[:0])
+        with pytest.raises(InputMismatchError) as err:
+            runner.infer(torch.empty((2, 3, *SMALL), device="meta"))
+        assert str(err.value) == "torch: received a tensor on meta, expected one on cpu (image float32 (N,3,64,96))"
+        assert "\n" not in str(err.value)
+        # a non-contiguous view is accepted (made contiguous) and gives the same result
+        wide = torch.from_numpy(_tiles(2, hw=(64, 192)))[..., ::2]
+        np.testing.assert_allclose(runner.infer(wide).numpy(), runner.infer(wide.contiguous().numpy()), atol=1e-5)
+
+
+def test_fixed_batch_runner_pads_a_short_tensor_batch(onnx_path, tmp_path):
+    tiles = torch.from_numpy(_tiles(3, hw=(320, 480), seed=7))
+    with OnnxRuntimeRunner(_fixed_batch_onnx(onnx_path, tmp_path, 3), threads=1) as runner:
+        full = runner.infer(tiles)
+        short = runner.infer(tiles[:1])
+        labels = runner.infer(tiles[1:3], "labels")
+        with pytest.raises(InputMismatchError, match="at most 3 tiles per batch"):
+            runner.infer(torch.cat([tiles, tiles[:1]]))
+    assert short.shape == (1, 21, 320, 480) and torch.allclose(short[0], full[0], atol=1e-4)
+    assert labels.shape == (2, 320, 480) and torch.equal(labels, full[1:3].argmax(1).to(torch.uint8))
+
+
+# -- --device auto ---------------------------------------------------------------------------
+def test_resolve_device_on_this_machine(capsys):
+    from fcn_deploy.runners.device import resolve_device
+
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("torch", "auto") == expected
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"device: {expected} (") and "\n" not in line
+    if expected == "cpu":
+        assert line == "device: cpu (no CUDA GPU)"
+        assert resolve_device("ort") == "cpu"
+    assert resolve_device("trt", "auto", echo=None) == "cuda:0"  # TensorRT always runs on a GPU
+    assert capsys.readouterr().err.count("device:") == (1 if expected == "cpu" else 0)
+
+
+def test_resolve_device_explicit_values_are_normalised(capsys):
+    from fcn_deploy.runners.device import resolve_device
+
+    assert resolve_device("ort", "cpu") == "cpu"
+    assert resolve_device("torch", " CUDA ") == "cuda:0"
+    assert resolve_device("trt", "cuda:01") == "cuda:1"
+    assert capsys.readouterr().err == ""  # only "auto" is announced
+    for bad in ("gpu", "cuda:x", "", "cuda:-1"):
+        with pytest.raises(UsageError, match="--device must be auto, cpu, cuda or cuda:N"):
+            resolve_device("torch", bad)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch reports one CUDA GPU named "Fake GPU" (nothing runs on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+
+
+@pytest.mark.parametrize("providers, ort_device", [
+    (["CPUExecutionProvider"], "cpu"),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda:0"),
+])
+def test_resolve_device_auto_with_a_gpu(fake_gpu, monkeypatch, providers, ort_device):
+    import onnxruntime
+
+    from fcn_deploy.runners.device import resolve_device
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(providers))
+    lines = []
+    assert resolve_device("torch", echo=lines.append) == "cuda:0"
+    assert resolve_device("ort", echo=lines.append) == ort_device
+    assert resolve_device("ort-fp16", echo=lines.append) == ort_device
+    assert resolve_device("trt", echo=lines.append) == "cuda:0"
+    assert lines[0] == "device: cuda:0 (Fake GPU)"
+    if ort_device == "cpu":
+        assert lines[1].startswith("device: cpu (onnxruntime ") and "has no CUDAExecutionProvider" in lines[1]
+    else:
+        assert lines[1] == "device: cuda:0 (Fake GPU)"
+
+
+def test_resolve_device_auto_without_a_gpu(monkeypatch):
+    import onnxruntime
+
+    from fcn_deploy.runners.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    lines = []
+    assert resolve_device("torch", echo=lines.append) == "cpu"
+    assert resolve_device("ort", echo=lines.append) == "cpu"  # onnxruntime-gpu without a GPU
+    assert lines == ["device: cpu (no CUDA GPU)"] * 2
+
+
+def test_factory_auto_device_picks_the_backend_runtime(fake_gpu, monkeypatch, checkpoint_path, tmp_path, capsys):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    torch_runner = create_runner("torch", checkpoint_path)
+    assert torch_runner.device == "cuda:0" and torch_runner.channels_last is False
+    ort = create_runner("ort", tmp_path / "m.onnx")
+    assert ort.providers == ("cuda",) and ort.device == "cuda:0"
+    assert capsys.readouterr().err.splitlines() == ["device: cuda:0 (Fake GPU)"] * 2
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    cpu = create_runner("ort", tmp_path / "m.onnx")
+    assert cpu.providers == ("cpu",) and cpu.device == "cpu"
+    assert create_runner("torch", checkpoint_path, device="cpu").device == "cpu"
+
+
+def test_cli_device_defaults_are_auto():
+    from fcn_deploy.cli import cli
+
+    for name in ("infer", "check", "evaluate", "bench"):
+        option = next(p for p in cli.commands[name].params if p.name == "device")
+        assert option.default == "auto", name
+
+
+# -- onnxruntime CUDA provider options -------------------------------------------------------
+def test_cuda_provider_options_are_configurable():
+    from fcn_deploy.runners.onnxrt import parse_cuda_options, provider_list
+
+    options = parse_cuda_options("cudnn_conv_algo_search=HEURISTIC, prefer_nhwc=1,")
+    assert options == {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1"}
+    assert parse_cuda_options({"enable_cuda_graph": True}) == {"enable_cuda_graph": "1"}
+    assert parse_cuda_options(None) == {}
+    cuda, cpu = provider_list(("cuda",), 0, {"use_tf32": "1", **options})
+    assert cuda == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": "1", **options})
+    with pytest.raises(UsageError, match="'prefer_nhwc' is not key=value"):
+        parse_cuda_options("prefer_nhwc")
+    with pytest.raises(UsageError, match="user_compute_stream is set by the runner"):
+        parse_cuda_options({"user_compute_stream": "0"})
+    runner = OnnxRuntimeRunner("x.onnx", providers="cuda", cuda_options="enable_cuda_graph=1", max_batch=8)
+    assert runner.cuda_graph and runner.device == "cuda:0" and runner.cuda_options == {"enable_cuda_graph": "1"}
+    assert not OnnxRuntimeRunner("x.onnx", cuda_options="enable_cuda_graph=1").cuda_graph  # CPU provider
+    with pytest.raises(UsageError, match="max_batch"):
+        OnnxRuntimeRunner("x.onnx", max_batch=0)
 
 
 # -- CUDA (skipped without a GPU) ------------------------------------------------------------
@@ -401,3 +579,113 @@ def test_missing_onnxruntime_names_both_extras(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(BackendUnavailableError, match=r"pip install 'fcn-deploy\[cpu\]' .* or 'fcn-deploy\[gpu\]'"):
         import_onnxruntime()
+
+@pytest.mark.gpu
+def test_torch_cuda_tensor_path_stays_on_the_device(checkpoint_path):
+    x = _tiles(4, hw=(320, 480), seed=8)
+    with TorchRunner(checkpoint_path) as cpu:
+        ref = cpu.infer(x)
+    t = torch.from_numpy(x).cuda()
+    with TorchRunner(checkpoint_path, device="cuda") as gpu:
+        assert gpu.device == "cuda:0" and not gpu.channels_last
+        logits, labels = gpu.infer(t), gpu.infer(t, "labels")
+        assert logits.device == t.device and labels.device == t.device and labels.dtype == torch.uint8
+        assert gpu.last_inference_time > 0 and gpu.total_inference_time >= gpu.last_inference_time
+        with pytest.raises(InputMismatchError, match="received a tensor on cpu, expected one on cuda:0"):
+            gpu.infer(torch.from_numpy(x))
+    assert np.abs(logits.cpu().numpy() - ref).max() <= 1e-3
+    _assert_labels_agree(labels.cpu().numpy(), ref, tol=2e-3)
+    with TorchRunner(checkpoint_path, device="cuda", precision="fp16") as half:
+        assert half.channels_last  # the fp16 default
+        out, lab = half.infer(t), half.infer(t, "labels")
+    assert out.dtype == torch.float16 and out.is_contiguous() and out.shape == ref.shape
+    assert (lab.cpu().numpy() == argmax_labels(ref)).mean() >= 0.995
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_ort_cuda_tensor_path_binds_device_memory_in_stream_order(onnx_path, cuda_graph):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    x = _tiles(3, hw=(320, 480), seed=9)
+    with OnnxRuntimeRunner(onnx_path) as cpu:
+        ref = cpu.infer(x)
+    options = {"enable_cuda_graph": 1} if cuda_graph else None
+    t = torch.from_numpy(x).cuda()
+    with OnnxRuntimeRunner(onnx_path, providers="cuda", cuda_options=options, max_batch=4) as gpu:
+        assert gpu.device == "cuda:0"
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):  # the caller's stream: the input exists only after a delay
+            tiles = torch.zeros_like(t)
+            torch.cuda._sleep(50_000_000)
+            tiles.copy_(t)
+            logits = gpu.infer(tiles)
+            labels = gpu.infer(tiles, "labels")
+            again = gpu.infer(tiles[:2] * 0)  # must not change ``logits`` (graph mode reuses buffers)
+        side.synchronize()
+        host = gpu.infer(x)
+        assert gpu.total_inference_time > 0
+    assert logits.device == t.device and logits.dtype == torch.float32 and logits.shape == (3, 21, 320, 480)
+    assert np.abs(logits.cpu().numpy() - ref).max() <= 1e-3
+    assert np.abs(host - ref).max() <= 1e-3
+    assert labels.dtype == torch.uint8 and torch.equal(labels, logits.argmax(1).to(torch.uint8))
+    assert again.shape == (2, 21, 320, 480) and not torch.equal(again, logits[:2])
+
+
+def test_ort_cuda_tensor_call_order_with_a_recording_fake(onnx_path, monkeypatch):
+    """Our side of the IO-binding path, against recording fakes of the onnxruntime session and the
+    torch streams (the real thing runs in the gpu-marked test above): the runner's stream waits
+    for the caller's before the run, the input and a fresh output are bound by pointer with the
+    right dtype and shape, and the caller's stream waits for the runner's after it."""
+    log: list = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+        def synchronize(self):
+            log.append(("synchronize", self.name))
+
+    class Binding:
+        def bind_input(self, *args):
+            log.append(("bind_input", *args))
+
+        def bind_output(self, *args):
+            log.append(("bind_output", *args))
+
+    class Session:
+        def io_binding(self):
+            return Binding()
+
+        def run_with_iobinding(self, binding, run_options):
+            log.append(("run", run_options))
+
+    caller = Stream("caller")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(("record", t.data_ptr(), s.name)))
+    tiles = torch.from_numpy(_tiles(2, hw=(320, 480)))
+    with OnnxRuntimeRunner(onnx_path, threads=1) as runner:
+        runner._torch, runner._stream, runner._run_options = torch, Stream("ort"), "no-sync"
+        runner._session = Session()
+        for output, name, shape, dtype in (("logits", "logits", (2, 21, 320, 480), np.float32),
+                                           ("labels", runner._labels_name, (2, 320, 480), np.uint8)):
+            log.clear()
+            result = runner._infer_tensor(tiles, output)
+            assert tuple(result.shape) == shape and result.dtype == getattr(torch, np.dtype(dtype).name)
+            assert log == [
+                ("wait", "ort", "caller"),
+                ("bind_input", "image", "cuda", 0, np.dtype(np.float32), (2, 3, 320, 480), tiles.data_ptr()),
+                ("bind_output", name, "cuda", 0, np.dtype(dtype), shape, result.data_ptr()),
+                ("run", "no-sync"),
+                ("wait", "caller", "ort"),
+                ("record", tiles.data_ptr(), "ort"),
+                ("record", result.data_ptr(), "caller"),
+            ]
+        log.clear()
+    assert log == [("synchronize", "ort")]  # deactivate waits for the runner's stream

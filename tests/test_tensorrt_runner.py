@@ -185,8 +185,8 @@ def test_engine_matches_onnxruntime(onnx_path, tmp_path):
         labels = runner.infer(tiles, output="labels")  # the engine's labels output
         again = runner.infer(tiles[:1])  # smaller batch reuses the same buffers
         on_device = torch.from_numpy(tiles).to("cuda:0")
-        dev_logits = runner.infer_device(on_device)
-        dev_labels = runner.infer_device(on_device, output="labels")
+        dev_logits = runner.infer(on_device)
+        dev_labels = runner.infer(on_device, output="labels")
         assert dev_logits.device == on_device.device and dev_labels.dtype == torch.uint8
         np.testing.assert_array_equal(dev_logits.cpu().numpy(), logits)
         np.testing.assert_array_equal(dev_labels.cpu().numpy(), labels)
@@ -381,7 +381,7 @@ def test_call_order_buffers_and_stream(fake_engine_file, labels):
         logits = runner.infer(tiles[:3])
         masks = runner.infer(tiles[:4], output="labels")
         short = runner.infer(tiles[:1])  # below the profile's min batch 2: padded
-        dev = runner.infer_device(torch.from_numpy(tiles[:2]), output="labels")
+        dev = runner.infer(torch.from_numpy(tiles[:2]), output="labels")
     # results: data went through our buffers, sliced back to the batch asked for
     np.testing.assert_array_equal(logits, _expected_logits(tiles[:3]))
     np.testing.assert_array_equal(short, _expected_logits(tiles[:1]))
@@ -438,19 +438,19 @@ def test_tensorrt_failures_are_one_line_engine_errors(fake_engine_file, fail, ma
     assert "execute_async_v3" not in [c[0] for c in trt.calls] or fail == "execute"
 
 
-def test_infer_device_checks_what_it_is_fed(fake_engine_file):
+def test_infer_checks_the_tensors_it_is_fed(fake_engine_file):
     with TensorRTRunner(fake_engine_file, device="cpu", trt=FakeTrt()) as runner:
         good = torch.zeros(2, 3, TH, TW)
-        assert runner.infer_device(good).shape == (2, C, TH, TW)
+        assert runner.infer(good).shape == (2, C, TH, TW)
         for bad, words in [
-            (good.numpy(), "received ndarray, expected a torch.Tensor"),
+            ([good], "received list, expected numpy.ndarray or torch.Tensor"),
             (good.half(), "received float16 (2, 3, 32, 48)"),
             (torch.zeros(2, 3, TH, TW + 32), "received float32 (2, 3, 32, 80)"),
-            (torch.zeros(5, 3, TH, TW), "1 to 4 tiles"),
+            (torch.zeros(5, 3, TH, TW), "at most 4 tiles"),
             (good.to("meta"), "on meta"),
         ]:
             with pytest.raises(InputMismatchError, match=re.escape(words)):
-                runner.infer_device(bad)
+                runner.infer(bad)
         with pytest.raises(InputMismatchError, match="at most 4"):
             runner.infer(np.zeros((5, 3, TH, TW), np.float32))
 

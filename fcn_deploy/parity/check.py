@@ -67,9 +67,9 @@ def _open_backends(names: list[str], wants_all: bool, model: Path, export_dir: P
             if resolved.stale:
                 kind, reason = "stale", resolved.stale
             else:
-                from fcn_deploy.runners.torch_runner import parse_device
+                from fcn_deploy.runners.device import resolve_device
 
-                runner = get_backend(name).factory(resolved.path, device=parse_device(device), precision=None)
+                runner = get_backend(name).factory(resolved.path, device=resolve_device(name, device), precision=None)
                 stack.enter_context(runner)
                 entry.artifact = str(resolved.path)
                 entry.precision = runner.meta.get("precision")
@@ -113,7 +113,7 @@ def check(
     batch_size: int = 4,
     max_tiles: int = DEFAULT_MAX_TILES,
     worst: int = 3,
-    device: str = "cpu",
+    device: str = "auto",
     force: bool = False,
     echo: Echo | None = None,
     progress: bool = False,

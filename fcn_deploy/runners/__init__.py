@@ -22,7 +22,7 @@ def create_runner(
     backend: str,
     model: str | os.PathLike | None = None,
     *,
-    device: str = "cpu",
+    device: str = "auto",
     precision: str | None = None,
     export_dir: str | os.PathLike = "export",
     engines_dir: str | os.PathLike = "engines",
@@ -35,8 +35,10 @@ def create_runner(
         model: the artifact (checkpoint, ONNX or engine); default ``model.pt``,
             ``export_dir/fcn.onnx``, ``export_dir/fcn.fp16.onnx`` or the engine in ``engines_dir``
             that fits this GPU and TensorRT.
-        device: ``cpu``, ``cuda`` or ``cuda:N`` (for ``ort*``: the CPU or CUDA execution
-            provider, unless ``providers=`` is passed; ``trt`` always uses GPU N, default 0).
+        device: ``auto`` (:func:`fcn_deploy.runners.device.resolve_device`: CUDA when a GPU
+            and the backend's GPU runtime are present, else CPU), ``cpu``, ``cuda`` or
+            ``cuda:N`` (for ``ort*``: the CPU or CUDA execution provider, unless
+            ``providers=`` is passed; ``trt`` always uses GPU N, default 0).
         precision: ``fp32``/``fp16`` for ``torch`` and ``trt``; for ``ort*`` the ONNX decides,
             so it must be None or match the backend.
         kwargs: passed on to the runner (``tile_hw``, ``channels_last``, ``threads``, ...).
@@ -46,10 +48,10 @@ def create_runner(
             (:func:`fcn_deploy.chain.resolve`); every command refuses it the same way.
     """
     from fcn_deploy.chain import resolve
-    from fcn_deploy.runners.torch_runner import parse_device
+    from fcn_deploy.runners.device import resolve_device
 
     spec = get_backend(backend)
-    device = parse_device(device)
+    device = resolve_device(backend, device)
     resolved = resolve(backend, model, export_dir=export_dir, engines_dir=engines_dir, precision=precision)
     path = resolved.require_fresh()
     return spec.factory(path, device=device, precision=resolved.precision if spec.artifact == "checkpoint" else precision,

@@ -8,13 +8,17 @@ Use it as::
         labels = runner.infer(tiles, output="labels")  # (N, H, W) uint8
 
 ``tiles`` is float32 NCHW (N, 3, H, W), already ImageNet-normalised, with (H, W) the runner's
-tile size (320x480 by default). The base class checks dtype and shape of what it is fed and
-says "received X, expected Y"; subclasses implement ``_activate``, ``_infer`` and
-``_deactivate``.
+tile size (320x480 by default), either a numpy array (results come back as numpy arrays) or a
+``torch.Tensor`` on :attr:`Runner.device` (results come back as tensors on that device, with no
+host round trip where the backend supports it). The base class checks dtype, shape and device
+of what it is fed and says "received X, expected Y"; subclasses implement ``_activate``,
+``_infer`` (numpy) and ``_deactivate``, and may implement ``_infer_tensor`` (the default goes
+through ``_infer`` on the host).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +28,9 @@ import numpy as np
 from fcn_deploy.errors import FcnDeployError, InputMismatchError
 
 Output = Literal["logits", "labels"]
+
+#: Unresolved CUDA-event timings kept before the oldest are read (reading waits for them).
+_MAX_PENDING_TIMINGS = 32
 
 
 @dataclass(frozen=True)
@@ -39,15 +46,25 @@ class TensorSpec:
         return f"{self.name} {self.dtype} ({dims})"
 
 
+def is_tensor(value: Any) -> bool:
+    """True for a ``torch.Tensor`` (without importing torch: no tensor exists before it is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 class Runner:
     """Base class of every backend runner.
 
-    Subclasses set :attr:`name`, fill :attr:`input_spec` / :attr:`meta` (at the latest in
-    ``_activate``) and implement ``_activate``, ``_infer`` and ``_deactivate``.
+    Subclasses set :attr:`name` and :attr:`device`, fill :attr:`input_spec` / :attr:`meta` (at
+    the latest in ``_activate``) and implement ``_activate``, ``_infer`` and ``_deactivate``;
+    ``_infer_tensor`` where the backend can take device tensors.
     """
 
     #: Short backend name used on the command line and in reports ("torch", "ort", "trt").
     name: str = "base"
+    #: Where the runner wants tensor inputs: ``"cpu"`` or ``"cuda:N"`` (numpy inputs are
+    #: accepted whatever the device).
+    device: str = "cpu"
 
     def __init__(self) -> None:
         self.is_active = False
@@ -57,10 +74,34 @@ class Runner:
         self.max_batch: int | None = None
         #: Artifact metadata: classes, colormap, mean, std, tile_hw, precision, ...
         self.meta: dict[str, Any] = {}
-        #: Seconds the last :meth:`infer` call spent in the backend (inputs checked, outputs on host).
-        self.last_inference_time: float = 0.0
-        #: Sum of backend seconds over all :meth:`infer` calls since activation.
-        self.total_inference_time: float = 0.0
+        self._last_time = 0.0
+        self._total_time = 0.0
+        self._pending: list[tuple[Any, Any]] = []  # (start, end) CUDA events not yet read
+
+    # -- timing ----------------------------------------------------------------------------
+    @property
+    def last_inference_time(self) -> float:
+        """Seconds the last :meth:`infer` call spent in the backend: host wall time for numpy
+        and CPU tensors; for CUDA tensors the time between CUDA events recorded on the
+        caller's stream around the call (read lazily: reading it waits for that call's work)."""
+        self._resolve_timings()
+        return self._last_time
+
+    @property
+    def total_inference_time(self) -> float:
+        """Sum of :attr:`last_inference_time` over all :meth:`infer` calls since activation."""
+        self._resolve_timings()
+        return self._total_time
+
+    def _add_time(self, seconds: float) -> None:
+        self._last_time = seconds
+        self._total_time += seconds
+
+    def _resolve_timings(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            start, end = self._pending.pop(0)
+            end.synchronize()
+            self._add_time(start.elapsed_time(end) / 1000.0)
 
     # -- lifecycle -----------------------------------------------------------------------
     def activate(self) -> "Runner":
@@ -68,15 +109,19 @@ class Runner:
             raise FcnDeployError(f"{self.name} runner is already active")
         self._activate()
         self.is_active = True
-        self.total_inference_time = 0.0
+        self._last_time = self._total_time = 0.0
+        self._pending = []
         return self
 
     def deactivate(self) -> None:
         if self.is_active:
             try:
-                self._deactivate()
+                self._resolve_timings()
             finally:
-                self.is_active = False
+                try:
+                    self._deactivate()
+                finally:
+                    self.is_active = False
 
     def __enter__(self) -> "Runner":
         return self.activate()
@@ -92,51 +137,99 @@ class Runner:
             raise FcnDeployError(f"{self.name} runner: input spec unknown before activate()")
         return int(self.input_spec.shape[2]), int(self.input_spec.shape[3])
 
+    def _check_layout(self, dtype: str, shape: tuple[int, ...], where: str = "") -> None:
+        """Dtype, rank, per-tile shape and batch bounds of an input against :attr:`input_spec`."""
+        spec = self.input_spec
+        received = f"{dtype} {shape}{where}"
+        expected = spec.describe() + (f" on {self.device}" if where else "")
+        if dtype != spec.dtype:
+            raise InputMismatchError(f"{self.name}: received {received}, expected {expected}")
+        # the batch dimension is checked below: a fixed batch takes smaller batches (padded)
+        if len(shape) != len(spec.shape) or any(e >= 0 and e != r for e, r in zip(spec.shape[1:], shape[1:])):
+            raise InputMismatchError(f"{self.name}: received {received}, expected {expected}")
+        if shape[0] < 1:
+            raise InputMismatchError(f"{self.name}: received an empty batch {received}")
+        limits = [b for b in (self.max_batch, spec.shape[0]) if b is not None and b > 0]
+        if limits and shape[0] > min(limits):
+            raise InputMismatchError(
+                f"{self.name}: received {received}, at most {min(limits)} tiles per batch allowed"
+            )
+
     def check_input(self, tiles: Any) -> np.ndarray:
-        """Validate ``tiles`` against :attr:`input_spec`; return it as a C-contiguous array."""
+        """Validate numpy ``tiles`` against :attr:`input_spec`; return a C-contiguous array."""
         spec = self.input_spec
         if spec is None:
             raise FcnDeployError(f"{self.name} runner must be activated before infer()")
         if not isinstance(tiles, np.ndarray):
             raise InputMismatchError(
-                f"{self.name}: received {type(tiles).__name__}, expected numpy.ndarray {spec.describe()}"
+                f"{self.name}: received {type(tiles).__name__}, expected numpy.ndarray or torch.Tensor "
+                f"{spec.describe()}"
             )
-        received = f"{tiles.dtype} {tuple(tiles.shape)}"
-        if tiles.dtype != np.dtype(spec.dtype):
-            raise InputMismatchError(f"{self.name}: received {received}, expected {spec.describe()}")
-        # the batch dimension is checked below: a fixed batch takes smaller batches (padded)
-        if tiles.ndim != len(spec.shape) or any(
-            e >= 0 and e != r for e, r in zip(spec.shape[1:], tiles.shape[1:])
-        ):
-            raise InputMismatchError(f"{self.name}: received {received}, expected {spec.describe()}")
-        if tiles.shape[0] < 1:
-            raise InputMismatchError(f"{self.name}: received an empty batch {received}")
-        limits = [b for b in (self.max_batch, spec.shape[0]) if b is not None and b > 0]
-        if limits and tiles.shape[0] > min(limits):
-            raise InputMismatchError(
-                f"{self.name}: received {received}, at most {min(limits)} tiles per batch allowed"
-            )
+        self._check_layout(tiles.dtype.name, tuple(tiles.shape))
         return np.ascontiguousarray(tiles)
 
-    def infer(self, tiles: np.ndarray, output: Output = "logits") -> np.ndarray:
+    def check_tensor(self, tiles: Any):
+        """Validate a ``torch.Tensor`` against :attr:`input_spec` and :attr:`device`; return
+        it contiguous (NCHW), detached from autograd."""
+        import torch
+
+        if self.input_spec is None:
+            raise FcnDeployError(f"{self.name} runner must be activated before infer()")
+        where = f" on {tiles.device}"
+        self._check_layout(str(tiles.dtype).removeprefix("torch."), tuple(tiles.shape), where)
+        if tiles.device != torch.device(self.device):
+            raise InputMismatchError(
+                f"{self.name}: received a tensor on {tiles.device}, expected one on {self.device} "
+                f"({self.input_spec.describe()})"
+            )
+        return tiles.detach().contiguous()
+
+    def infer(self, tiles, output: Output = "logits"):
         """Run one batch.
 
         Args:
-            tiles: float32 (N, 3, H, W), ImageNet-normalised; for a model with a fixed batch B,
-                any N <= B (padded with zero tiles whose outputs are dropped).
+            tiles: float32 (N, 3, H, W), ImageNet-normalised: a numpy array, or a
+                ``torch.Tensor`` on :attr:`device`; for a model with a fixed batch B, any
+                N <= B (padded with zero tiles whose outputs are dropped).
             output: ``"logits"`` for (N, C, H, W) float32/float16 logits, ``"labels"`` for
                 (N, H, W) uint8 class indices (argmax computed where it is cheapest).
+
+        Returns:
+            numpy in, numpy out; a tensor in, a tensor on :attr:`device` out (possibly a view of
+            a larger buffer; on CUDA ordered after the call on the caller's current stream).
         """
         if output not in ("logits", "labels"):
             raise FcnDeployError(f"output must be 'logits' or 'labels', not {output!r}")
+        if is_tensor(tiles):
+            return self._infer_checked_tensor(tiles, output)
         tiles = self.check_input(tiles)
         n, fixed = tiles.shape[0], self.input_spec.shape[0]
         if 0 < n < fixed:  # a fixed-batch model: pad with zero tiles, drop their outputs
             tiles = np.concatenate([tiles, np.zeros((fixed - n, *tiles.shape[1:]), tiles.dtype)])
         start = time.perf_counter()
         result = self._infer(tiles, output)[:n]
-        self.last_inference_time = time.perf_counter() - start
-        self.total_inference_time += self.last_inference_time
+        self._add_time(time.perf_counter() - start)
+        return result
+
+    def _infer_checked_tensor(self, tiles, output: Output):
+        import torch
+
+        tiles = self.check_tensor(tiles)
+        n, fixed = tiles.shape[0], self.input_spec.shape[0]
+        if 0 < n < fixed:
+            tiles = torch.cat([tiles, tiles.new_zeros((fixed - n, *tiles.shape[1:]))])
+        if tiles.is_cuda:
+            stream = torch.cuda.current_stream(tiles.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            result = self._infer_tensor(tiles, output)[:n]
+            end.record(stream)
+            self._pending.append((start, end))
+            self._resolve_timings(keep=_MAX_PENDING_TIMINGS)
+            return result
+        t0 = time.perf_counter()
+        result = self._infer_tensor(tiles, output)[:n]
+        self._add_time(time.perf_counter() - t0)
         return result
 
     # -- to implement --------------------------------------------------------------------
@@ -145,6 +238,14 @@ class Runner:
 
     def _infer(self, tiles: np.ndarray, output: Output) -> np.ndarray:
         raise NotImplementedError
+
+    def _infer_tensor(self, tiles, output: Output):
+        """Checked contiguous float32 (B, 3, H, W) tensor on :attr:`device` -> a tensor on
+        :attr:`device`. Default: through the host with :meth:`_infer`."""
+        import torch
+
+        result = self._infer(np.ascontiguousarray(tiles.cpu().numpy()), output)
+        return torch.from_numpy(np.ascontiguousarray(result)).to(tiles.device)
 
     def _deactivate(self) -> None:
         raise NotImplementedError

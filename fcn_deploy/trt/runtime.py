@@ -10,7 +10,7 @@ Python runtime module does: ``set_input_shape``, check the output shapes the con
 stream. There is no pycuda: one CUDA context (the device's primary context) shared by torch,
 onnxruntime and TensorRT, and no pinned host copy that the caller does not ask for.
 
-:meth:`~TensorRTRunner.infer_device` takes and returns tensors on the runner's device (what a GPU
+:meth:`~fcn_deploy.runners.base.Runner.infer` takes and returns tensors on the runner's device (what a GPU
 tile assembler needs); the numpy :meth:`~fcn_deploy.runners.base.Runner.infer` uploads, calls the
 same code and downloads the result. ``output="labels"`` uses the engine's uint8 ``labels`` output
 when it was built with ``--labels-output`` (an argmax inside the engine), else ``torch.argmax`` on
@@ -238,7 +238,7 @@ class TensorRTRunner(Runner):
     def __init__(self, engine_path: str | Path, *, device: int | str = 0, trt: ModuleType | None = None) -> None:
         super().__init__()
         self.engine_path = Path(engine_path)
-        #: ``"cuda:N"``: where :meth:`infer_device` takes and returns tensors.
+        #: ``"cuda:N"``: where :meth:`infer` takes and returns tensors.
         self.device = parse_trt_device(device)
         self._trt_module = trt
         self._logger: Any = None
@@ -337,38 +337,14 @@ class TensorRTRunner(Runner):
         self._release()
 
     # -- inference -------------------------------------------------------------------------------
-    def check_device_input(self, tiles: Any) -> None:
-        """InputMismatchError unless ``tiles`` is a float32 (N, 3, H, W) tensor on :attr:`device`
-        with 1 <= N <= :attr:`max_batch`."""
-        torch = _torch()
-        spec = self.input_spec
-        if spec is None:
-            raise FcnDeployError(f"{self.name} runner must be activated before infer_device()")
-        if not isinstance(tiles, torch.Tensor):
-            raise InputMismatchError(
-                f"{self.name}: received {type(tiles).__name__}, expected a torch.Tensor {spec.describe()} on {self.device}"
-            )
-        received = f"{str(tiles.dtype).replace('torch.', '')} {tuple(tiles.shape)} on {tiles.device}"
-        if (
-            tiles.dtype != torch.float32
-            or tiles.ndim != 4
-            or tuple(tiles.shape[1:]) != tuple(spec.shape[1:])
-            or tiles.device != torch.device(self.device)
-            or not 1 <= tiles.shape[0] <= self.max_batch
-        ):
-            raise InputMismatchError(
-                f"{self.name}: received {received}, expected {spec.describe()} on {self.device}, "
-                f"1 to {self.max_batch} tiles"
-            )
-
-    def infer_device(self, tiles: Any, output: Output = "logits") -> Any:
-        """Run one batch that is already on the device.
+    def _infer_tensor(self, tiles: Any, output: Output) -> Any:
+        """Run one batch already on the device (checked by :meth:`Runner.infer`).
 
         Args:
-            tiles: float32 (N, 3, H, W) torch tensor on :attr:`device`, ImageNet-normalised,
-                1 <= N <= :attr:`max_batch`.
-            output: ``"logits"``: (N, C, H, W) tensor of the engine's logits dtype; ``"labels"``:
-                (N, H, W) uint8 class indices.
+            tiles: float32 (B, 3, H, W) torch tensor on :attr:`device`, ImageNet-normalised,
+                1 <= B <= :attr:`max_batch`.
+            output: ``"logits"``: (B, C, H, W) tensor of the engine's logits dtype; ``"labels"``:
+                (B, H, W) uint8 class indices.
 
         Returns:
             A new tensor on :attr:`device`, ordered on the caller's current stream (the stream
@@ -376,9 +352,6 @@ class TensorRTRunner(Runner):
             that stream afterwards see it; another stream must wait on that one, and the host must
             synchronise it (``.cpu()`` does).
         """
-        if output not in ("logits", "labels"):
-            raise FcnDeployError(f"output must be 'logits' or 'labels', not {output!r}")
-        self.check_device_input(tiles)
         return self._run(tiles, output)
 
     def _infer(self, tiles: np.ndarray, output: Output) -> np.ndarray:
@@ -387,7 +360,7 @@ class TensorRTRunner(Runner):
         return result.cpu().numpy()
 
     def _run(self, tiles, output: Output):
-        """Copy ``tiles`` into the input buffer, execute, return the asked output (see infer_device)."""
+        """Copy ``tiles`` into the input buffer, execute, return the asked output (see _infer_tensor)."""
         torch = _torch()
         table, context, stream = self._table, self._context, self._stream
         n = int(tiles.shape[0])

@@ -1,0 +1,84 @@
+"""``--device auto``: pick CUDA when a GPU and the backend's GPU runtime are present, else CPU.
+
+:func:`resolve_device` is the one place this is decided (``create_runner`` and the commands
+call it); it says what it chose on stderr, e.g. ``device: cuda:0 (NVIDIA H200)`` or
+``device: cpu (no CUDA GPU)``. Explicit ``cpu`` / ``cuda`` / ``cuda:N`` are only normalised:
+a runner that cannot use the requested GPU says so when it is activated.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+#: Values ``--device`` accepts (``cuda:N`` besides).
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cuda_gpu() -> tuple[bool, str]:
+    """(whether torch sees a CUDA GPU, its name or the reason it does not)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return True, torch.cuda.get_device_name(0)
+    except Exception as exc:  # a CUDA build of torch without a usable driver
+        return False, f"no CUDA GPU: {type(exc).__name__}"
+    return False, "no CUDA GPU"
+
+
+def ort_cuda_provider() -> tuple[bool, str]:
+    """(whether onnxruntime has the CUDA execution provider, the reason when not)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, "onnxruntime is not installed"
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return True, ""
+    return False, f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+
+
+def _runtime(backend: str) -> str:
+    """Which GPU runtime a backend needs: ``trt`` (always a GPU), ``ort`` or ``torch``."""
+    if backend.startswith("trt"):
+        return "trt"
+    if backend.startswith("ort"):
+        return "ort"
+    return "torch"
+
+
+def resolve_device(backend: str, requested: str = "auto", *, echo: Callable[[str], None] | None = _stderr) -> str:
+    """The device ``backend`` runs on for ``--device requested``: ``cpu`` or ``cuda:N``.
+
+    ``auto``: ``cuda:0`` when a CUDA GPU is visible and the backend's GPU runtime is present
+    (torch: a CUDA build of torch; ``ort*``: onnxruntime-gpu's CUDAExecutionProvider;
+    ``trt*``: always, TensorRT needs a GPU), else ``cpu``; the choice goes to ``echo`` (stderr
+    by default; ``None`` for silence) as one line. Anything else: ``cpu``, ``cuda`` (GPU 0) or
+    ``cuda:N``, returned normalised, no check (activation checks).
+
+    Raises:
+        UsageError: ``requested`` is none of these.
+    """
+    from fcn_deploy.runners.torch_runner import parse_device
+
+    value = str(requested).strip().lower()
+    if value != "auto":
+        return parse_device(value)
+    runtime = _runtime(backend)
+    gpu, name = cuda_gpu()
+    if runtime == "trt":
+        device, why = "cuda:0", name if gpu else "TensorRT runs on a GPU only"
+    elif not gpu:
+        device, why = "cpu", name
+    elif runtime == "ort":
+        has_ep, reason = ort_cuda_provider()
+        device, why = ("cuda:0", name) if has_ep else ("cpu", reason)
+    else:
+        device, why = "cuda:0", name
+    if echo is not None:
+        echo(f"device: {device} ({why})")
+    return device
