@@ -12,6 +12,7 @@ fcn_deploy_version. A bare state dict of the chapter's ``net`` loads too.
 from __future__ import annotations
 
 import copy
+import io
 import os
 import pickle
 import zipfile
@@ -122,12 +123,14 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch's weights-only unpickler wraps every failure in the same "Weights only load failed"
+        # text; only "Unsupported global" means a real pickled object (code to run) was refused.
+        if "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"{path} holds pickled Python objects, which fcn-deploy refuses to execute "
                 "(torch.load weights_only=True); save a state dict instead"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint: {first_line(exc)}") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (its bytes are no pickle torch.save writes)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({first_line(exc)})") from None
 
@@ -143,8 +146,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": copy.deepcopy(full_meta),
     }
+    buffer = io.BytesIO()  # serialised in memory: a failed write then raises OSError (errno), not
+    torch.save(payload, buffer)  # torch's RuntimeError "unexpected pos"
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
