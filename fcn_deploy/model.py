@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fcn_deploy import __version__
-from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError, first_line
+from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError, first_line, shorten
 from fcn_deploy.fileio import atomic_path
 from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOC_COLORMAP
 
@@ -196,6 +196,6 @@ def load_checkpoint(
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
-        raise CheckpointError(f"{path} does not fit the FCN architecture: {detail[:300]}") from None
+        raise CheckpointError(f"{path} does not fit the FCN architecture: {shorten(detail)}") from None
     model.eval()
     return model, meta
