@@ -4,7 +4,9 @@ library function. Errors of type :class:`~fcn_deploy.errors.FcnDeployError` beco
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -13,18 +15,40 @@ from fcn_deploy.errors import FcnDeployError
 from fcn_deploy.runners.registry import BACKENDS, CHECK_BACKENDS
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same
+    clean-up runs (temporary files removed, runners deactivated)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
-    """Click group that turns our typed errors into clean one-line messages."""
+    """Click group that turns our typed errors into clean one-line messages.
+
+    Ctrl-C prints ``interrupted`` and exits 130; SIGTERM is handled the same way (the
+    clean-up of KeyboardInterrupt runs) and prints ``terminated`` and exits 143 (128 + 15).
+    """
 
     def invoke(self, ctx: click.Context):
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return super().invoke(ctx)
         except FcnDeployError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except Terminated:
+            click.echo("terminated (SIGTERM)", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,10 +174,14 @@ def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batc
 @click.option("--save-logits", is_flag=True, help="Also write <name>.logits.npy, float16 (C, H, W).")
 @click.option("--skip-existing", is_flag=True, help="Skip images whose mask exists (resume a run).")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode/encode threads (default: min(4, CPUs)).")
-def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, workers) -> None:
+@click.option("--max-pixels", type=click.IntRange(min=1), help="Refuse images of more pixels (default: fcn_deploy.images.DEFAULT_MAX_PIXELS, 2**27 = 134 MP).")
+def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, workers, max_pixels) -> None:
     """Segment images of any size (files or folders, recursively) into palette PNG masks."""
+    from fcn_deploy.images import set_max_pixels
     from fcn_deploy.infer import run_inference
     from fcn_deploy.runners import create_runner
+
+    set_max_pixels(max_pixels)
 
     summary = run_inference(
         paths, output, runner=create_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,

@@ -4,11 +4,26 @@ the CLI prints ``error: <message>`` on one line and exits with :attr:`exit_code`
 from __future__ import annotations
 
 
+import errno as _errno
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """First non-empty line of ``exc``'s message (at most ``limit`` characters), or its type name:
-    what a one-line error may quote of a third-party exception."""
+    """First non-empty line of ``exc``'s message, or its type name: what a one-line error may
+    quote of a third-party exception. A line longer than ``limit`` characters is cut at the last
+    word boundary before it and ends with an ellipsis (never mid-word)."""
     lines = str(exc).strip().splitlines()
-    return lines[0][:limit] if lines else type(exc).__name__
+    return shorten(lines[0], limit) if lines else type(exc).__name__
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` if it has at most ``limit`` characters, else its longest prefix ending at a word
+    boundary (a whole word, no cut word) followed by ``...``, at most ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    head = text[: max(limit - 3, 1) + 1]  # one character more, to see whether a word ends there
+    cut = head.rfind(" ")
+    head = head[:cut] if cut > 0 else head[: max(limit - 3, 1)]
+    return head.rstrip(" ,;:") + "..."
 
 
 class FcnDeployError(Exception):
@@ -39,6 +54,32 @@ class DatasetError(FcnDeployError):
 
 class ImageReadError(FcnDeployError):
     """One input image cannot be decoded."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An input image has more pixels than the enforced limit (``--max-pixels``)."""
+
+
+#: errno values that mean the disk (or the user's quota) is full: nothing more can be written.
+DISK_FULL_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT})
+
+
+class OutputWriteError(FcnDeployError):
+    """Writing an output file failed (disk full, file-size limit, I/O error, read-only disk);
+    :attr:`errno` keeps the OS error number, :attr:`disk_full` says whether nothing more fits."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in DISK_FULL_ERRNOS
+
+
+class DiskFullError(OutputWriteError):
+    """The output disk is full: a run stops at the first such error rather than trying every
+    remaining image."""
 
 
 class ExportError(FcnDeployError):

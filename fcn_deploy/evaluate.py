@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from fcn_deploy.errors import UsageError
-from fcn_deploy.fileio import check_writable, write_json_atomic
+from fcn_deploy.fileio import check_output_file, write_json_atomic
 
 #: Columns of the prediction grid PNG.
 GRID_COLUMNS = 4
@@ -56,11 +56,13 @@ def evaluate_runner(
     segmenter = Segmenter(runner, batch_size=batch_size, **kwargs)
     cm = ConfusionMatrix(len(classes))
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    outside = 0
     start = time.perf_counter()
     inference_before = runner.total_inference_time
     with tqdm(total=len(samples), unit="img", desc="evaluate", disable=not progress, leave=False) as bar:
         for rgb, label, pred in _predictions(segmenter, samples, len(classes)):
-            cm.update(label, pred)
+            cm.update(label, pred)  # label ids >= the model's classes are not counted: say how many
+            outside += int(np.count_nonzero((label >= len(classes)) & (label != cm.ignore_index)))
             if len(kept) < grid_columns:
                 kept.append((rgb, pred, label))
             bar.update()
@@ -79,6 +81,7 @@ def evaluate_runner(
         "seconds": seconds,
         "images_per_s": len(samples) / seconds if seconds > 0 else None,
         "inference_seconds": runner.total_inference_time - inference_before,
+        "label_pixels_outside_classes": outside,
     }, kept
 
 
@@ -160,8 +163,8 @@ def evaluate(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if max_images is not None and max_images < 1:
         raise UsageError(f"--max-images must be at least 1, got {max_images}")
-    report = None if report is None else check_writable(report, force)
-    grid = None if grid is None else check_writable(grid, force)
+    report = None if report is None else check_output_file(report, force, "--report")
+    grid = None if grid is None else check_output_file(grid, force, "--grid")
     samples = list_split(voc_root, split)[:max_images]
     runner = create_runner(backend, model, device=device, export_dir=export_dir, engines_dir=engines_dir)
     with runner:
@@ -177,5 +180,8 @@ def evaluate(
     if grid is not None:
         save_png(grid, prediction_grid(kept, meta["colormap"]))
     if echo is not None:
+        if result["label_pixels_outside_classes"]:
+            echo(f"warning: {result['label_pixels_outside_classes']} label pixels have class ids outside the "
+                 f"model's {len(result['iou'])} classes and were not counted")
         echo(format_results(result))
     return result

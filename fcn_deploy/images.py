@@ -1,21 +1,69 @@
 """Image decoding to RGB uint8 and normalisation to the network's float32 CHW input.
 
 Handles what real photo folders hold: EXIF orientation, grayscale, palette, RGBA/LA (alpha
-dropped, colour kept), CMYK, 16-bit and float images. Every decode failure becomes an :class:`~fcn_deploy.errors.ImageReadError` naming the file.
+dropped, colour kept), CMYK, 16-bit and float images. Every decode failure becomes an
+:class:`~fcn_deploy.errors.ImageReadError` naming the file.
+
+Decompression bombs: an image is refused before decoding when its header declares more than
+:func:`max_pixels` pixels (default :data:`DEFAULT_MAX_PIXELS`; ``infer --max-pixels`` raises it).
+A PNG of a few kilobytes can declare 900 megapixels, which decode to gigabytes.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fcn_deploy.errors import ImageReadError
+from fcn_deploy.errors import ImageReadError, ImageTooLargeError, UsageError
 
-# Refuse decompression bombs beyond ~40k x 40k but accept tens of megapixels.
-Image.MAX_IMAGE_PIXELS = 40_000 * 40_000
+#: Default pixel limit of :func:`load_rgb`: 2**27 (134 megapixels, e.g. 11585 x 11585). It admits
+#: 8000x8000 scans, 6000x8000 photos and 100-megapixel medium-format frames, and refuses
+#: 30000x30000 (900 MP). Decoding costs about 3 bytes per pixel for the RGB array plus as much
+#: again for PIL's copy, so an admitted image needs at most ~1 GB of host memory to decode.
+DEFAULT_MAX_PIXELS = 1 << 27
+
+_max_pixels = DEFAULT_MAX_PIXELS
+# PIL warns above its own limit and raises above twice it, at Image.open; it follows ours, and its
+# warning is silenced because load_rgb refuses such an image itself, in one line.
+Image.MAX_IMAGE_PIXELS = _max_pixels
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def max_pixels() -> int:
+    """The pixel limit :func:`load_rgb` enforces in this process."""
+    return _max_pixels
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """Set the process-wide pixel limit of :func:`load_rgb` (None: :data:`DEFAULT_MAX_PIXELS`);
+    also PIL's decompression-bomb limit, which guards the other images PIL opens (labels)."""
+    global _max_pixels
+    limit = DEFAULT_MAX_PIXELS if limit is None else int(limit)
+    if limit < 1:
+        raise UsageError(f"--max-pixels must be at least 1, not {limit}")
+    _max_pixels = limit
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+def _megapixels(n: int) -> str:
+    return f"{n / 1e6:.1f} MP" if n >= 100_000 else f"{n} pixels"
+
+
+def check_size(path: str | os.PathLike, width: int, height: int, limit: int | None = None) -> None:
+    """Raise :class:`~fcn_deploy.errors.ImageTooLargeError` (naming the file, its size and the
+    limit) when ``width * height`` exceeds ``limit`` (default :func:`max_pixels`)."""
+    limit = _max_pixels if limit is None else limit
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"{path}: too large, {width}x{height} ({_megapixels(width * height)}) exceeds the limit "
+            f"of {_megapixels(limit)}; raise it with --max-pixels {width * height}"
+        )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -36,11 +84,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode ``path`` to an (H, W, 3) uint8 RGB array in its displayed orientation (EXIF applied)."""
+def load_rgb(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """Decode ``path`` to an (H, W, 3) uint8 RGB array in its displayed orientation (EXIF applied).
+
+    Refuses, before decoding, an image of more than ``limit`` pixels (default
+    :func:`max_pixels`) and anything but a regular file (a FIFO would block forever).
+    """
     path = Path(path)
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(mode):
+            raise ImageReadError(f"{path}: not a regular file (a FIFO, socket or device), not an image")
         with Image.open(path) as img:
+            check_size(path, *img.size, limit)
             img = ImageOps.exif_transpose(img)
             img.load()
             rgb = _to_rgb(img)
@@ -51,8 +109,15 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: is a directory, not an image") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image PIL can decode") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: too large ({exc})") from None
+    except Image.DecompressionBombError as exc:  # PIL's check at open, beyond twice the limit
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        size = _megapixels(int(m.group(1))) if m else "more pixels"
+        raise ImageTooLargeError(
+            f"{path}: too large, {size} exceeds the limit of {_megapixels(_max_pixels if limit is None else limit)}; "
+            "raise it with --max-pixels"
+        ) from None
+    except MemoryError:
+        raise ImageTooLargeError(f"{path}: too large to decode in the memory available") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
         raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
 

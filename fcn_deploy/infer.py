@@ -24,12 +24,15 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from fcn_deploy.errors import (
+    DiskFullError,
     FcnDeployError,
     ImageReadError,
+    OutputWriteError,
     UsageError,
 )
+from fcn_deploy.fileio import remove_stale_temps
 from fcn_deploy.images import load_rgb
-from fcn_deploy.inputs import InputImage, check_output_dir, collect_inputs
+from fcn_deploy.inputs import InputImage, check_output_dir, collect_inputs, refuse_overwriting_inputs
 from fcn_deploy.outputs import (
     LOGITS_SUFFIX,
     MASK_SUFFIX,
@@ -87,6 +90,7 @@ class _Job:
     stitcher: Stitcher | None = None
     labels: np.ndarray | None = None
     logits_ctx: contextlib.ExitStack | None = None
+    failed: bool = False  # its logits file could not be created: its other tiles are dropped
 
 
 _DONE = object()
@@ -159,14 +163,19 @@ def run_inference(
         raise UsageError(f"--workers must be >= 1, not {workers}")
     workers = workers or min(4, os.cpu_count() or 1)
     items, failed = collect_inputs(paths, exclude=output_dir)
-    out = check_output_dir(output_dir)
-    summary = InferSummary(failed=failed)
+    out = check_output_dir(output_dir, create=False)  # created once the runner is ready
+    suffixes = [MASK_SUFFIX] + [OVERLAY_SUFFIX] * overlay + [LOGITS_SUFFIX] * save_logits
+    items, clashes = refuse_overwriting_inputs(items, out, suffixes)
+    summary = InferSummary(failed=failed + clashes)
     if skip_existing:
+        if out.is_dir():
+            remove_stale_temps(out, (MASK_SUFFIX, OVERLAY_SUFFIX, LOGITS_SUFFIX))
         todo = [i for i in items if not output_path(out, i.rel_stem, MASK_SUFFIX).exists()]
         summary.skipped = len(items) - len(todo)
         items = todo
     seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window)
     with seg:
+        check_output_dir(out)
         _Pipeline(seg, out, summary, overlay, save_logits, workers, progress).run(items)
     summary.tiles = seg.tiles_run
     summary.seconds = time.perf_counter() - start
@@ -184,6 +193,7 @@ class _Pipeline:
         self.palette = palette(seg.colormap)
         self.lock = threading.Lock()
         self.open_jobs: list[_Job] = []
+        self.full_disk: DiskFullError | None = None  # set at the first full-disk error: the run stops
 
     def run(self, items: list[InputImage]) -> None:
         from tqdm import tqdm
@@ -252,13 +262,26 @@ class _Pipeline:
 
     def _stitch(self, batch: TileBatch, result: np.ndarray, output: Output) -> None:
         """(stitch thread) Hand each tile's result to its image; write finished images."""
+        if self.full_disk is not None:
+            raise self.full_disk
         for (job, index), tile in zip(batch.keys, result):
             grid = job.grid
+            if job.failed:
+                continue
             if output == "labels":
                 job.labels = tile[: grid.height, : grid.width].copy()
             else:
                 if job.stitcher is None:
-                    job.stitcher = Stitcher(grid, tile.shape[0], self.seg.window, self._open_logits(job, tile.shape[0]))
+                    try:
+                        logits = self._open_logits(job, tile.shape[0])
+                    except OutputWriteError as exc:  # file-size limit: this image fails; disk full: stop
+                        if isinstance(exc, DiskFullError):
+                            self.full_disk = exc
+                            raise
+                        job.failed, job.rgb = True, None
+                        self._record_failure(job.item.path, f"{job.item.path}: {exc}")
+                        continue
+                    job.stitcher = Stitcher(grid, tile.shape[0], self.seg.window, logits)
                 job.stitcher.add(index, tile)
                 if job.stitcher.done:
                     job.labels = job.stitcher.labels()
@@ -300,6 +323,9 @@ class _Pipeline:
             write_mask(output_path(self.out, item.rel_stem, MASK_SUFFIX), job.labels, self.palette)
         except (OSError, FcnDeployError) as exc:
             self._close_logits(job, failed=True)
+            if isinstance(exc, DiskFullError):
+                self.full_disk = exc
+                raise  # nothing more fits: stop the run at the first full-disk error
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self._record_failure(item.path, f"{item.path}: cannot write its outputs: {detail}")
             return

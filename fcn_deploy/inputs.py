@@ -3,6 +3,7 @@ the output stem its masks get, and the output folder checked before any work."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fcn_deploy.errors import FcnDeployError
-from fcn_deploy.outputs import MASK_SUFFIX
+from fcn_deploy.outputs import MASK_SUFFIX, output_path
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ def _is_image_candidate(path: Path) -> bool:
     try:
         with Image.open(path):
             return True
+    except Image.DecompressionBombError:  # an image, refused by name when it is loaded
+        return True
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return path.suffix.lower() in Image.registered_extensions()
 
@@ -66,8 +69,10 @@ def collect_inputs(
                     path = root_path / name
                     if not name.startswith(".") and path.is_file() and _is_image_candidate(path):
                         add(path, path.relative_to(arg))
-        elif arg.exists():
+        elif arg.is_file():
             add(arg, Path(arg.name))
+        elif arg.exists():  # a FIFO, socket or device: never opened (a FIFO would block)
+            failed.append((str(arg), f"{arg}: not a regular file (a FIFO, socket or device), not an image"))
         else:
             failed.append((str(arg), f"{arg}: no such file or folder"))
 
@@ -94,9 +99,53 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return [item.path for item in collect_inputs(paths)[0]]
 
 
-def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Create ``output_dir`` if needed and prove it writable, else raise a one-line error."""
+def refuse_overwriting_inputs(
+    items: list[InputImage], output_dir: str | os.PathLike, suffixes: Sequence[str]
+) -> tuple[list[InputImage], list[tuple[str, str]]]:
+    """Split ``items`` into those whose outputs (``rel_stem`` + each of ``suffixes`` under
+    ``output_dir``) replace no input file, and (path, message) failures for the others.
+
+    An output replaces an input when it is the same path or the same file (inode: a hard link or
+    a symlink to it), e.g. ``infer photos/a.png -o photos``. Such an image is never segmented.
+    """
+    inputs: dict[tuple[int, int], Path] = {}
+    for item in items:
+        with contextlib.suppress(OSError):
+            st = item.path.stat()
+            inputs[(st.st_dev, st.st_ino)] = item.path
+    kept: list[InputImage] = []
+    failed: list[tuple[str, str]] = []
+    for item in items:
+        for suffix in suffixes:
+            target = output_path(output_dir, item.rel_stem, suffix)
+            try:
+                st = target.stat()
+            except OSError:
+                continue  # absent (or unreadable): it is no input file
+            victim = inputs.get((st.st_dev, st.st_ino))
+            if victim is not None:
+                failed.append((str(item.path), f"{item.path}: its output {target} would replace the input "
+                                               f"{victim}; choose another output folder (-o)"))
+                break
+        else:
+            kept.append(item)
+    return kept, failed
+
+
+def check_output_dir(output_dir: str | os.PathLike, create: bool = True) -> Path:
+    """Create ``output_dir`` if needed and prove it writable, else raise a one-line error.
+
+    With ``create=False`` nothing is created: the folder, or its nearest existing ancestor, must
+    be a writable folder (a check before the model loads; no empty folder is left behind)."""
     out = Path(output_dir)
+    if not create:
+        parent = out
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            reason = "not a folder" if not parent.is_dir() else "not writable"
+            raise FcnDeployError(f"output folder {out} is not writable: {parent} is {reason}")
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):

@@ -12,6 +12,7 @@ fcn_deploy_version. A bare state dict of the chapter's ``net`` loads too.
 from __future__ import annotations
 
 import copy
+import io
 import os
 import pickle
 import zipfile
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from fcn_deploy import __version__
-from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError, first_line
+from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError, first_line, shorten
 from fcn_deploy.fileio import atomic_path
 from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOC_COLORMAP
 
@@ -122,12 +123,14 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch's weights-only unpickler wraps every failure in the same "Weights only load failed"
+        # text; only "Unsupported global" means a real pickled object (code to run) was refused.
+        if "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"{path} holds pickled Python objects, which fcn-deploy refuses to execute "
                 "(torch.load weights_only=True); save a state dict instead"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint: {first_line(exc)}") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (its bytes are no pickle torch.save writes)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({first_line(exc)})") from None
 
@@ -143,8 +146,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": copy.deepcopy(full_meta),
     }
+    buffer = io.BytesIO()  # serialised in memory: a failed write then raises OSError (errno), not
+    torch.save(payload, buffer)  # torch's RuntimeError "unexpected pos"
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -191,6 +196,6 @@ def load_checkpoint(
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
-        raise CheckpointError(f"{path} does not fit the FCN architecture: {detail[:300]}") from None
+        raise CheckpointError(f"{path} does not fit the FCN architecture: {shorten(detail)}") from None
     model.eval()
     return model, meta

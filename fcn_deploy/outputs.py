@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -63,12 +64,45 @@ def write_overlay(path: str | os.PathLike, rgb: np.ndarray, labels: np.ndarray, 
         img.save(tmp, format="JPEG", quality=90)
 
 
+def allocate(path: str | os.PathLike, size: int) -> None:
+    """Reserve ``size`` bytes of disk for the file ``path`` for real (not a sparse file), so a full
+    disk or a file-size limit raises OSError (ENOSPC, EFBIG) now, not SIGBUS later when a memory
+    map's page is written. ``os.posix_fallocate`` where available (glibc emulates it by writing
+    on file systems without fallocate), else zeros written in chunks."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, size)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+        chunk = bytes(1 << 20)
+        done = os.fstat(fd).st_size
+        os.lseek(fd, done, os.SEEK_SET)
+        while done < size:
+            done += os.write(fd, chunk[: min(len(chunk), size - done)])
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def logits_memmap(path: str | os.PathLike, shape: tuple[int, int, int]) -> Iterator[np.memmap]:
     """A writable float16 ``.npy`` memory map of ``shape`` (C, H, W), renamed to ``path`` on
-    success; the disk, not RAM, holds the logits of a huge image."""
+    success; the disk, not RAM, holds the logits of a huge image.
+
+    The file's blocks are allocated before the map is made (:func:`allocate`): a disk too full
+    for it raises :class:`~fcn_deploy.errors.OutputWriteError` here and leaves no temporary file.
+    """
     with atomic_path(path) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                    "shape": tuple(shape)})
+            offset = f.tell()
+        allocate(tmp, offset + int(np.prod(shape)) * 2)
+        arr = np.memmap(tmp, dtype=np.float16, mode="r+", offset=offset, shape=tuple(shape))
         try:
             yield arr
             arr.flush()

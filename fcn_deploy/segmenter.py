@@ -13,6 +13,7 @@ import numpy as np
 
 from fcn_deploy.errors import InputMismatchError, UsageError
 from fcn_deploy.images import load_rgb, normalize
+from fcn_deploy.limits import check_batch_size
 from fcn_deploy.runners.base import Output, Runner
 from fcn_deploy.tiling import (
     DEFAULT_OVERLAP,
@@ -115,6 +116,7 @@ class Segmenter:
         self.colormap = [tuple(c) for c in meta.get("colormap", VOC_COLORMAP)]
         limit = (spec.shape[0] if spec.shape[0] > 0 else None) or self.runner.max_batch
         self.effective_batch = min(self.batch_size, limit) if limit else self.batch_size
+        check_batch_size(self.effective_batch, self.tile_hw, int(meta.get("num_classes") or len(self.colormap)))
 
     def close(self) -> None:
         if self._owns_activation:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fcn_deploy.errors import ArtifactNotFoundError, BackendUnavailableError, UsageError
-from fcn_deploy.fileio import check_writable, write_json_atomic
+from fcn_deploy.fileio import check_output_file, write_json_atomic
 from fcn_deploy.metrics import ConfusionMatrix
 from fcn_deploy.voc import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOCSegDataset
 
@@ -213,8 +213,8 @@ def train(voc_root: str | os.PathLike, output: str | os.PathLike, *, epochs: int
     else:
         if backbone_weights is not None and pretrained:
             raise UsageError("give either --backbone-weights PATH or --pretrained, not both")
-        check_writable(output, force)
-        check_writable(hist_file, force)
+        check_output_file(output, force, "-o")
+        check_output_file(hist_file, force, "-o")
     dev = resolve_device(device)
 
     train_ds = VOCSegDataset(voc_root, "train", crop, IMAGENET_MEAN, IMAGENET_STD)

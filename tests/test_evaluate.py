@@ -144,3 +144,44 @@ def test_evaluate_cli_json_and_grid(onnx_path, voc_root, tmp_path):
     assert Image.open(grid).size == (sum(widths) + 4 * (len(widths) - 1), 3 * 160 + 8)
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 2 and "exists; pass --force" in again.output
+
+
+def test_label_pixels_outside_the_model_classes_are_counted(hand_made):
+    from fcn_deploy.evaluate import evaluate_runner
+
+    label = np.asarray(Image.open(hand_made[1].label_path)).copy()
+    label[:2, :5] = 7  # 10 pixels of a class the 3-class model does not have
+    Image.fromarray(label, "L").save(hand_made[1].label_path)
+    with ColourRunner() as runner:
+        result, _ = evaluate_runner(runner, hand_made)
+    assert result["label_pixels_outside_classes"] == 10
+
+
+def test_evaluate_cli_warns_about_a_model_with_fewer_classes(voc_root, tmp_path):
+    """A 5-class model on 21-class VOC labels: the dropped label pixels are reported once."""
+    import re
+
+    from click.testing import CliRunner
+
+    from fcn_deploy.cli import cli
+    from fcn_deploy.model import FCN, save_checkpoint
+
+    model = tmp_path / "five.pt"
+    save_checkpoint(model, FCN(num_classes=5).eval())
+    res = CliRunner().invoke(cli, ["evaluate", "--voc-root", str(voc_root), "--backend", "torch", "--model",
+                                   str(model), "--max-images", "1"])
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.stdout.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and re.search(r"\d+ label pixels .*outside the model's 5 classes", warnings[0])
+
+
+def test_evaluate_checks_report_and_grid_paths_before_the_work(voc_root, tmp_path, monkeypatch):
+    import fcn_deploy.runners as runners
+    from fcn_deploy.errors import FcnDeployError
+    from fcn_deploy.evaluate import evaluate
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(runners, "create_runner", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    for option in ("report", "grid"):
+        with pytest.raises(FcnDeployError, match=f"--{option} .*afile/out: cannot create a folder there"):
+            evaluate(voc_root, **{option: tmp_path / "afile" / "out"})

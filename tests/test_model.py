@@ -162,3 +162,47 @@ def test_backbone_weights_from_file(tmp_path):
     assert torch.equal(model[0].weight, trunk.conv1.weight)  # child "0" is the trunk's conv1
     with pytest.raises(ArtifactNotFoundError, match="--backbone-weights"):
         FCN(backbone_weights=tmp_path / "absent.pth")
+
+
+def test_random_bytes_and_onnx_are_not_pytorch_checkpoints(tmp_path, onnx_path, recwarn, capfd):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 8)
+    for path in (junk, onnx_path):
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(path)
+        message = str(exc.value)
+        assert str(path) in message and "not a PyTorch checkpoint" in message
+        assert "refuses to execute" not in message  # the security wording is for refused globals only
+    assert not [w for w in recwarn if "torch" in str(w.filename)]  # no torch warning before the error
+    assert capfd.readouterr().err == ""
+
+
+def test_save_checkpoint_beyond_a_file_size_limit_is_one_line(tmp_path):
+    """torch.save's own write failure is a RuntimeError ("unexpected pos"); serialised first, the
+    write fails with an OSError (EFBIG) that becomes an OutputWriteError. A child process has
+    RLIMIT_FSIZE with SIGXFSZ ignored."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        from fcn_deploy.errors import OutputWriteError
+        from fcn_deploy.model import FCN, save_checkpoint
+        try:
+            save_checkpoint({str(tmp_path / "m.pt")!r}, FCN(num_classes=2))
+        except OutputWriteError as exc:
+            print("ERROR", exc)
+    """)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=limit,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ERROR cannot write ") and "m.pt" in res.stdout, res.stdout
+    assert os.listdir(tmp_path) == []

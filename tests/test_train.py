@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from fcn_deploy.cli import cli
 from fcn_deploy.errors import (ArtifactExistsError, ArtifactNotFoundError, BackendUnavailableError,
-                               DatasetError, UsageError)
+                               DatasetError, FcnDeployError, UsageError)
 from fcn_deploy.model import FCN, load_checkpoint
 from fcn_deploy.train import history_path, parse_hw, per_image_loss, predict_whole, train
 from fcn_deploy.voc import write_synthetic_voc
@@ -59,8 +59,11 @@ def test_interrupt_keeps_last_checkpoint_and_resume_matches(small_voc, three_epo
     def save_then_interrupt(obj, f, *args, **kwargs):
         calls.append(f)
         if len(calls) == 2:
-            with open(f, "wb") as fh:
-                fh.write(b"PK\x03\x04 half a checkpoint")
+            if hasattr(f, "write"):  # save_checkpoint serialises into memory first
+                f.write(b"PK\x03\x04 half a checkpoint")
+            else:
+                with open(f, "wb") as fh:
+                    fh.write(b"PK\x03\x04 half a checkpoint")
             raise KeyboardInterrupt
         return real_save(obj, f, *args, **kwargs)
 
@@ -141,6 +144,15 @@ def test_bad_arguments(small_voc, tmp_path, kwargs, error, match):
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_unwritable_output_is_refused_before_training(small_voc, tmp_path, monkeypatch):
+    import fcn_deploy.train as train_module
+
+    (tmp_path / "afile").write_text("a file, not a folder")
+    monkeypatch.setattr(train_module, "train_epoch", lambda *a, **k: pytest.fail("trained before checking -o"))
+    with pytest.raises(FcnDeployError, match=r"-o .*afile/m.pt: cannot create a folder there, .*afile is a file"):
+        train(small_voc, tmp_path / "afile" / "m.pt", epochs=1, **FAST)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_cuda(small_voc, tmp_path):
     with pytest.raises(BackendUnavailableError, match="--device cuda"):
@@ -187,6 +199,7 @@ def test_cli_synth_voc_and_train(tmp_path):
     (["train", "--voc-root", "{tmp}/data", "-o", "{tmp}/old.pt"], "old.pt exists; pass --force"),
     (["train", "--voc-root", "{tmp}/data", "-o", "{tmp}/m.pt", "--resume"], "--resume: checkpoint"),
     (["train", "--voc-root", "{tmp}/data", "-o", "{tmp}/m.pt", "--crop", "1024x1024"], "crop 1024x1024"),
+    (["train", "--voc-root", "{tmp}/data", "-o", "{tmp}/old.pt/m.pt"], "old.pt is a file"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, match):
     write_synthetic_voc(tmp_path / "data", num_images=2)
