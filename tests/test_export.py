@@ -434,7 +434,7 @@ def test_export_output_path_checked_before_the_work(checkpoint_path, tmp_path, m
     blocker.write_text("x")
     res = CliRunner().invoke(cli, ["export", str(checkpoint_path), "-o", str(blocker / "fcn.onnx")])
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
-    assert "error: cannot write" in res.output and "afile is a file, not a folder" in res.output
+    assert "error: -o " in res.output and "cannot create a folder there" in res.output and "afile is a file" in res.output
     assert blocker.read_text() == "x"
 
 

@@ -386,5 +386,5 @@ def test_check_report_path_checked_before_the_work(checkpoint_path, onnx_path, t
     monkeypatch.setattr(check_mod, "tile_source", no_work)
     blocker = tmp_path / "afile"
     blocker.write_text("x")
-    with pytest.raises(FcnDeployError, match=r"cannot write .*afile/r.json: .*afile is a file, not a folder"):
+    with pytest.raises(FcnDeployError, match=r"--report .*afile/r.json: cannot create a folder there, .*afile is a file"):
         check(["ort"], model=checkpoint_path, export_dir=onnx_path.parent, report=blocker / "r.json")

@@ -31,8 +31,7 @@ from fcn_deploy.chain import fp16_onnx_path
 from fcn_deploy.errors import ExportError, UsageError, first_line
 from fcn_deploy.export.graph import BATCH_DIM, INPUT_NAME, OUTPUT_NAME, check_graph
 from fcn_deploy.export.verify import verification_plan, verification_tiles, verify_onnx
-from fcn_deploy.fileio import atomic_path, write_json_atomic
-from fcn_deploy.outpath import writable_output
+from fcn_deploy.fileio import atomic_path, check_output_file, write_json_atomic
 
 #: Default opset: the torch.export-based exporter's native opset (no version conversion), parsed by
 #: TensorRT 10.x/11.x (max opset 20-25), TensorRT-RTX 1.x and onnxruntime >= 1.14.
@@ -175,7 +174,7 @@ def check_outputs(output: str | os.PathLike, force: bool) -> tuple[Path, Path]:
     output = Path(output)
     if output.suffix != ".onnx":
         raise UsageError(f"output {output} must end in .onnx (its sidecar is <stem>.json)")
-    return writable_output(output, force), writable_output(sidecar_path(output), force)
+    return check_output_file(output, force, "-o"), check_output_file(sidecar_path(output), force)
 
 
 @contextlib.contextmanager

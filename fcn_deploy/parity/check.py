@@ -18,13 +18,23 @@ from fcn_deploy.errors import (
     UsageError,
     VerificationError,
 )
-from fcn_deploy.fileio import write_json_atomic
-from fcn_deploy.outpath import writable_output
+from fcn_deploy.fileio import check_output_file, write_json_atomic
 from fcn_deploy.parity.metrics import ParityAccumulator
 from fcn_deploy.parity.report import BackendParity, ParityReport, write_maps
-from fcn_deploy.parity.thresholds import apply_thresholds, parse_thresholds, raise_on_failures
-from fcn_deploy.parity.tiles import DEFAULT_MAX_TILES, Echo, TileSet, draw_tiles, tile_source
+from fcn_deploy.parity.thresholds import (
+    apply_thresholds,
+    parse_thresholds,
+    raise_on_failures,
+)
+from fcn_deploy.parity.tiles import (
+    DEFAULT_MAX_TILES,
+    Echo,
+    TileSet,
+    draw_tiles,
+    tile_source,
+)
 from fcn_deploy.runners.registry import CHECK_BACKENDS
+
 
 def parse_backends(backends: str | list[str] | tuple[str, ...]) -> tuple[list[str], bool]:
     """Expand ``--backend`` values (repeatable, comma lists, ``all``) into names; the flag says
@@ -143,7 +153,7 @@ def check(
     if not model.is_file():
         raise ArtifactNotFoundError(f"checkpoint {model} not found (the reference); pass --model")
     if report is not None:
-        report = writable_output(report, force)
+        report = check_output_file(report, force, "--report")
     folder = Path(disagreement_dir) if disagreement_dir is not None else (
         report.parent / f"{report.stem}-disagreement" if report is not None else Path("check"))
     with contextlib.ExitStack() as stack:
