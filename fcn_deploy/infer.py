@@ -139,6 +139,7 @@ def run_inference(
     skip_existing: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    assembler: str = "auto",
 ) -> InferSummary:
     """Segment every image under ``paths`` into ``output_dir`` (see the module docstring).
 
@@ -146,7 +147,9 @@ def run_inference(
     and ``<stem>.logits.npy`` (float16 (C, H, W)); the mask is written last, so with
     ``skip_existing`` an image whose mask exists is complete and skipped. Unreadable images
     are recorded in ``summary.failed`` and the run goes on; errors of the runner or the output
-    folder stop it with a :class:`~fcn_deploy.errors.FcnDeployError`.
+    folder stop it with a :class:`~fcn_deploy.errors.FcnDeployError`. ``workers`` (decode and
+    encode threads) defaults to the cores this process may use; ``assembler`` picks the tile
+    assembler (:func:`~fcn_deploy.tiling.make_assembler`: numpy on the CPU, torch on CUDA).
     """
     start = time.perf_counter()
     if workers is not None and workers < 1:
@@ -159,7 +162,7 @@ def run_inference(
         todo = [i for i in items if not output_path(out, i.rel_stem, MASK_SUFFIX).exists()]
         summary.skipped = len(items) - len(todo)
         items = todo
-    seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window)
+    seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window, assembler=assembler)
     with seg:
         _Pipeline(seg, out, summary, overlay, save_logits, workers, progress).run(items)
     summary.tiles = seg.tiles_run
