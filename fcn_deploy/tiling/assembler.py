@@ -24,10 +24,12 @@ Memory of one image in flight, with C classes, an H x W image, tiles th x tw, a 
 
 * TorchAssembler, on its device: ``3*H*W`` (uint8 image, released once its tiles are cut)
   ``+ (C + 1) * min(th, H) * W * 4`` (band and weights) ``+ C*th*tw*4`` (product scratch)
-  ``+ 9*th*tw*4`` (windows: at most 9 border cases) ``+ min(th, H)*W*(8 + 1 + 4 + 2)`` (argmax
-  indices int64, uint8 labels, the maximum values, float16 logits when saved; one band at a
-  time) per image, plus ``B*3*th*tw*4`` per tile batch and the runner's ``B*C*th*tw*4``
-  output. On the host: the (H, W) uint8 label map. Never (C, H, W).
+  ``+ 9*th*tw*4`` (windows: at most 9 border cases, shared by all images)
+  ``+ 20 * min(th, H) * W`` (argmax temporaries of one band: maximum float32, index int64,
+  NaN mask and uint8 labels; averaged logits float32 and float16 when saved) per image, plus
+  ``B*3*th*tw*4`` per tile batch in flight and the runner's ``B*C*th*tw*4`` output. On the
+  host: the (H, W) uint8 label map. Never (C, H, W). (On CPU tensors the image and the windows
+  share the numpy arrays' memory.) ``tests/test_assembler.py`` traces this for 8000x8000.
 * NumpyAssembler: the Stitcher's ``(C + 1) * min(th, H) * W * 4 + H*W`` plus the batches.
 
 The pipeline bounds how many images and batches are in flight (bounded queues).
