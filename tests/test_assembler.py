@@ -186,3 +186,38 @@ def test_torch_assembler_memory_is_bounded_on_8000x8000():
     # the (H, W) uint8 labels; the windows (numpy arrays, shared by their CPU tensors); small objects
     assert numpy_peak <= H * W + 9 * th * tw * 4 + (1 << 20), numpy_peak
     assert torch_peak + numpy_peak < C * H * W * 4 / 2  # a (C, H, W) float32 buffer: 512 MB
+
+
+@pytest.mark.gpu
+def test_cuda_assembler_equals_numpy_and_peak_memory_within_bound():
+    """On CUDA: the same masks as the numpy path, and the peak allocated device memory of a
+    8000x8000 image within the docstring's bound (torch.cuda.max_memory_allocated)."""
+    rgb = np.random.default_rng(4).integers(0, 256, (700, 1100, 3), dtype=np.uint8)
+    np_asm = NumpyAssembler(TILE_HW, 4, IMAGENET_MEAN, IMAGENET_STD)
+    cu_asm = TorchAssembler(TILE_HW, 4, IMAGENET_MEAN, IMAGENET_STD, device="cuda")
+    (expected,), _ = _run(np_asm, [rgb], 21)
+    jobs = [ImageJob(0, rgb, plan_tiles(*rgb.shape[:2], TILE_HW))]
+    done = []
+    for batch in cu_asm.batches(jobs):
+        logits = _fake_logits(batch.tiles.cpu().numpy(), batch.keys, 21)
+        done += cu_asm.add(batch, torch.from_numpy(logits).cuda(), "logits")
+    np.testing.assert_array_equal(done[0].labels, expected)
+
+    H = W = 8000
+    C, B = 21, 8
+    th, tw = TILE_HW
+    big = np.full((H, W, 3), 100, np.uint8)
+    job = ImageJob(1, big, plan_tiles(H, W, TILE_HW))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for batch in cu_asm.batches([job]):
+        logits = batch.tiles[:, :1].expand(-1, C, -1, -1) * 1.0  # the "runner": fresh (n, C, th, tw)
+        cu_asm.add(batch, logits, "logits")
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    band = min(th, H) * W
+    bound = 3 * H * W + (C + 1) * band * 4 + C * th * tw * 4 + 9 * th * tw * 4 + 20 * band \
+        + 2 * B * 3 * th * tw * 4 + B * C * th * tw * 4
+    assert job.labels.shape == (H, W)
+    assert peak <= bound, (peak, bound)
