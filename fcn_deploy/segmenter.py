@@ -93,6 +93,7 @@ class Segmenter:
         #: ``stitch`` (assembler.add), the assembler's ``upload`` / ``download``, and what the
         #: caller adds (``decode``, ``tiles``, ``encode`` in the infer pipeline).
         self.clock = StageClock()
+        self._bridge = False  # set in prepare(): CPU tensors to a runner that takes numpy only
 
     # -- lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> "Segmenter":
