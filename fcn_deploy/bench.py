@@ -148,7 +148,10 @@ def bench(
         iterations: timed calls per batch size (fewer once ``max_seconds`` of them have run,
             but at least 3), so that slow CPU batches stay bounded.
         images: a folder of photos: also time the whole ``infer`` pipeline on it (outputs
-            go to a temporary folder), at the batch size of best engine throughput.
+            go to a temporary folder), at the batch size of best engine throughput, and report
+            end-to-end tiles/s and images/s, their ratio to the engine alone, and seconds per
+            stage (summed over threads, so overlapping stages add up to more than the wall
+            time; on CUDA see :class:`~fcn_deploy.tiling.StageClock` for what each measures).
         report: JSON path, written atomically (``force`` to overwrite).
         echo: where the table goes (None: silent).
 
@@ -156,7 +159,9 @@ def bench(
         ``{"backend", "artifact", "device", "precision", "tile_hw", "inputs", "warmup",
         "iterations", "engine": [{"batch_size", "runs", "latency_ms": {"min", "p50", "p90",
         "p99", "mean"}, "tiles_per_s"}...], "pipeline": {"batch_size", "images", "failed",
-        "tiles", "seconds", "images_per_s", "tiles_per_s"} | None, "machine": {...},
+        "tiles", "seconds", "images_per_s", "tiles_per_s", "engine_tiles_per_s",
+        "end_to_end_ratio" (pipeline / engine tiles/s), "stage_seconds": {decode, tiles, upload,
+        engine, stitch, download, encode}} | None, "machine": {...},
         "fcn_deploy_version", "created"}``.
     """
     from fcn_deploy.runners import create_runner
@@ -202,8 +207,8 @@ def bench(
             "pipeline": None,
         }
         if images is not None:
-            best = max(engine, key=lambda r: r["tiles_per_s"])["batch_size"]
-            result["pipeline"] = _bench_pipeline(runner, Path(images), best)
+            best = max(engine, key=lambda r: r["tiles_per_s"])
+            result["pipeline"] = _bench_pipeline(runner, Path(images), best["batch_size"], best["tiles_per_s"])
     result["machine"] = machine_info()
     result["fcn_deploy_version"] = __version__
     result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -214,12 +219,18 @@ def bench(
     return result
 
 
-def _bench_pipeline(runner, images: Path, batch_size: int) -> dict[str, Any]:
-    """Run the whole ``infer`` pipeline over ``images`` into a temporary folder."""
+#: Pipeline stages in the order an image meets them (see :class:`fcn_deploy.tiling.StageClock`).
+STAGES = ("decode", "tiles", "upload", "engine", "stitch", "download", "encode")
+
+
+def _bench_pipeline(runner, images: Path, batch_size: int, engine_tiles_per_s: float) -> dict[str, Any]:
+    """Run the whole ``infer`` pipeline over ``images`` into a temporary folder; compare its
+    tiles/s with the engine alone at the same batch size; seconds per stage."""
     from fcn_deploy.infer import run_inference
 
     with tempfile.TemporaryDirectory(prefix="fcn-bench-") as out:
         summary = run_inference([images], out, runner=runner, batch_size=batch_size, progress=False)
+    stages = {k: round(summary.stages.get(k, 0.0), 3) for k in STAGES}
     return {
         "batch_size": batch_size,
         "images": summary.images,
@@ -228,6 +239,9 @@ def _bench_pipeline(runner, images: Path, batch_size: int) -> dict[str, Any]:
         "seconds": round(summary.seconds, 3),
         "images_per_s": round(summary.images_per_s, 3),
         "tiles_per_s": round(summary.tiles_per_s, 2),
+        "engine_tiles_per_s": engine_tiles_per_s,
+        "end_to_end_ratio": round(summary.tiles_per_s / engine_tiles_per_s, 4) if engine_tiles_per_s else None,
+        "stage_seconds": stages,
     }
 
 
@@ -256,4 +270,12 @@ def format_report(result: dict[str, Any]) -> str:
             f"{p['failed']} failed, {p['seconds']:.2f} s, {p['images_per_s']:.2f} images/s, "
             f"{p['tiles_per_s']:.1f} tiles/s"
         )
+        ratio = p.get("end_to_end_ratio")
+        if ratio is not None:
+            lines.append(f"end-to-end / engine-only: {p['tiles_per_s']:.1f} / {p['engine_tiles_per_s']:.1f} "
+                         f"tiles/s = {100 * ratio:.1f}%")
+        stages = p.get("stage_seconds") or {}
+        if stages:
+            lines.append("seconds per stage (summed over threads): "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     return "\n".join(lines)

@@ -173,7 +173,7 @@ def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batc
 @click.option("--overlay", is_flag=True, help="Also write <name>.overlay.jpg (photo blended with class colours).")
 @click.option("--save-logits", is_flag=True, help="Also write <name>.logits.npy, float16 (C, H, W).")
 @click.option("--skip-existing", is_flag=True, help="Skip images whose mask exists (resume a run).")
-@click.option("--workers", type=click.IntRange(min=1), help="Decode/encode threads (default: min(4, CPUs)).")
+@click.option("--workers", type=click.IntRange(min=1), help="Decode/encode threads (default: the CPU cores).")
 @click.option("--max-pixels", type=click.IntRange(min=1), help="Refuse images of more pixels (default: fcn_deploy.images.DEFAULT_MAX_PIXELS, 2**27 = 134 MP).")
 def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, workers, max_pixels) -> None:
     """Segment images of any size (files or folders, recursively) into palette PNG masks."""

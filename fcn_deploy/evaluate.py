@@ -88,31 +88,23 @@ def evaluate_runner(
 def _predictions(segmenter, samples: Sequence, num_classes: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(rgb, label, prediction) per sample, in order: (H, W, 3) uint8, (H, W) uint8, (H, W) uint8.
 
-    Tiles of consecutive images share batches (``segmenter.iter_batches``); each image's logits
-    are averaged by its own :class:`~fcn_deploy.tiling.Stitcher`, so only the images whose tiles
-    are in flight are held in memory.
+    Tiles of consecutive images share batches and each image's logits are averaged by the
+    segmenter's assembler (:meth:`~fcn_deploy.segmenter.Segmenter.segment`), so only the images
+    whose tiles are in flight are held in memory. ``num_classes`` is checked against the model.
     """
-    from fcn_deploy.tiling import Stitcher
+    from fcn_deploy.errors import InputMismatchError
+    from fcn_deploy.tiling import ImageJob
     from fcn_deploy.voc import read_sample
 
-    pending: dict[int, tuple[np.ndarray, np.ndarray, Stitcher]] = {}
-
-    def jobs():
-        for key, sample in enumerate(samples):
+    def jobs() -> Iterator[ImageJob]:
+        for sample in samples:
             rgb, label = read_sample(sample)
-            grid = segmenter.plan(*rgb.shape[:2])
-            pending[key] = (rgb, label, Stitcher(grid, num_classes, segmenter.window))
-            yield key, rgb, grid
+            yield ImageJob(sample, rgb, segmenter.plan(*rgb.shape[:2]), data=label)
 
-    done = 0
-    for batch in segmenter.iter_batches(jobs()):
-        logits = segmenter.run_batch(batch.tiles, "logits")
-        for (key, index), tile in zip(batch.keys, logits):
-            pending[key][2].add(index, tile)
-        while done in pending and pending[done][2].done:
-            rgb, label, stitcher = pending.pop(done)
-            yield rgb, label, stitcher.labels()
-            done += 1
+    for job in segmenter.segment(jobs(), want_logits=True):
+        if int(job.labels.max(initial=0)) >= num_classes:
+            raise InputMismatchError(f"model predicts class {int(job.labels.max())}, but the dataset has {num_classes}")
+        yield job.rgb, job.data, job.labels
 
 
 def format_results(result: dict[str, Any]) -> str:

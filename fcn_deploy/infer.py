@@ -1,11 +1,15 @@
 """The pipeline behind ``fcn-deploy infer``: :func:`run_inference` segments many images of any
 size with one :class:`~fcn_deploy.segmenter.Segmenter` (inputs found by :mod:`fcn_deploy.inputs`).
 
-The pipeline keeps the runner busy: images are decoded in a thread pool, a producer thread
-normalises tiles into batches (tiles of several images share a batch), the calling thread only
-runs the runner, one stitcher thread averages the logits (see :mod:`fcn_deploy.tiling`) and
-the thread pool writes the outputs (:mod:`fcn_deploy.outputs`). Queues between the stages are
-bounded, so memory stays bounded however many and however large the images are.
+The pipeline keeps the runner busy: images are decoded in a thread pool sized to the cores, a
+producer thread has the segmenter's assembler cut and normalise tiles into batches (tiles of
+several images share a batch; on a CUDA runner the image is uploaded once as uint8 and the tiles
+are cut on the device), the calling thread only runs the runner, one stitcher thread hands the
+results to the assembler (window-weighted averaging and argmax, on the runner's device; see
+:mod:`fcn_deploy.tiling.assembler`) and the thread pool encodes and writes the outputs
+(:mod:`fcn_deploy.outputs`). Queues between the stages are bounded, so memory stays bounded
+however many and however large the images are. Each stage's seconds are summed
+(:class:`~fcn_deploy.tiling.StageClock`) into :attr:`InferSummary.stages`.
 """
 
 from __future__ import annotations
@@ -48,9 +52,8 @@ from fcn_deploy.segmenter import Segmenter
 from fcn_deploy.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_WINDOW,
-    Stitcher,
-    TileBatch,
-    TileGrid,
+    Batch,
+    ImageJob,
 )
 
 
@@ -63,6 +66,9 @@ class InferSummary:
     skipped: int = 0
     tiles: int = 0
     seconds: float = 0.0
+    #: Seconds per stage summed over threads: decode, tiles (cut + normalise, upload
+    #: included), upload, engine, stitch (download included), download, encode.
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -78,19 +84,6 @@ class InferSummary:
             f"{self.tiles} tiles in {self.seconds:.2f} s ({self.images_per_s:.2f} images/s, "
             f"{self.tiles_per_s:.2f} tiles/s)"
         )
-
-
-@dataclass
-class _Job:
-    """One image in flight."""
-
-    item: InputImage
-    rgb: np.ndarray | None
-    grid: TileGrid
-    stitcher: Stitcher | None = None
-    labels: np.ndarray | None = None
-    logits_ctx: contextlib.ExitStack | None = None
-    failed: bool = False  # its logits file could not be created: its other tiles are dropped
 
 
 _DONE = object()
@@ -149,6 +142,7 @@ def run_inference(
     skip_existing: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    assembler: str = "auto",
 ) -> InferSummary:
     """Segment every image under ``paths`` into ``output_dir`` (see the module docstring).
 
@@ -156,12 +150,14 @@ def run_inference(
     and ``<stem>.logits.npy`` (float16 (C, H, W)); the mask is written last, so with
     ``skip_existing`` an image whose mask exists is complete and skipped. Unreadable images
     are recorded in ``summary.failed`` and the run goes on; errors of the runner or the output
-    folder stop it with a :class:`~fcn_deploy.errors.FcnDeployError`.
+    folder stop it with a :class:`~fcn_deploy.errors.FcnDeployError`. ``workers`` (decode and
+    encode threads) defaults to the cores this process may use; ``assembler`` picks the tile
+    assembler (:func:`~fcn_deploy.tiling.make_assembler`: numpy on the CPU, torch on CUDA).
     """
     start = time.perf_counter()
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be >= 1, not {workers}")
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or _cores()
     items, failed = collect_inputs(paths, exclude=output_dir)
     out = check_output_dir(output_dir, create=False)  # created once the runner is ready
     suffixes = [MASK_SUFFIX] + [OVERLAY_SUFFIX] * overlay + [LOGITS_SUFFIX] * save_logits
@@ -173,13 +169,22 @@ def run_inference(
         todo = [i for i in items if not output_path(out, i.rel_stem, MASK_SUFFIX).exists()]
         summary.skipped = len(items) - len(todo)
         items = todo
-    seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window)
+    seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window, assembler=assembler)
     with seg:
         check_output_dir(out)
         _Pipeline(seg, out, summary, overlay, save_logits, workers, progress).run(items)
     summary.tiles = seg.tiles_run
+    summary.stages = {k: round(v, 4) for k, v in seg.clock.seconds.items()}
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class _Pipeline:
@@ -192,7 +197,8 @@ class _Pipeline:
         self.progress = progress
         self.palette = palette(seg.colormap)
         self.lock = threading.Lock()
-        self.open_jobs: list[_Job] = []
+        self.open_jobs: list[ImageJob] = []
+        self.clock = seg.clock
         self.full_disk: DiskFullError | None = None  # set at the first full-disk error: the run stops
 
     def run(self, items: list[InputImage]) -> None:
@@ -207,8 +213,7 @@ class _Pipeline:
         batches = _background(lambda: self._produce(items, pool), 2, stop)
         try:
             for batch in batches:
-                single = all(job.grid.count == 1 for job, _ in batch.keys)
-                output: Output = "labels" if single and not self.save_logits else "logits"
+                output: Output = "labels" if batch.single_tiles and not self.save_logits else "logits"
                 result = self.seg.run_batch(batch.tiles, output)
                 pending.append(stitch.submit(self._stitch, batch, result, output))
                 while len(pending) > 2:
@@ -231,79 +236,78 @@ class _Pipeline:
             self.summary.failed.append((str(path), message))
             self.bar.update(1)
 
-    def _produce(self, items: list[InputImage], pool: ThreadPoolExecutor) -> Iterator[TileBatch]:
-        """(thread) Decode ahead in the pool, then normalise tiles into batches, in order."""
+    def _decode(self, path: Path) -> np.ndarray:
+        with self.clock("decode"):
+            return load_rgb(path)
+
+    def _produce(self, items: list[InputImage], pool: ThreadPoolExecutor) -> Iterator[Batch]:
+        """(thread) Decode ahead in the pool, then cut tiles into batches, in order."""
         decoded: deque[tuple[InputImage, Future]] = deque()
         todo = iter(items)
-        lookahead = 2 * self.workers
+        lookahead = self.workers + 2
+        waited = [0.0]  # seconds spent waiting for decodes, not cutting tiles
 
-        def jobs() -> Iterator[tuple[_Job, np.ndarray, TileGrid]]:
+        def jobs() -> Iterator[ImageJob]:
             while True:
                 while len(decoded) < lookahead:
                     item = next(todo, None)
                     if item is None:
                         break
-                    decoded.append((item, pool.submit(load_rgb, item.path)))
+                    decoded.append((item, pool.submit(self._decode, item.path)))
                 if not decoded:
                     return
                 item, future = decoded.popleft()
+                start = time.perf_counter()
                 try:
                     rgb = future.result()
                 except ImageReadError as exc:
                     self._record_failure(item.path, str(exc))
                     continue
-                grid = self.seg.plan(*rgb.shape[:2])
-                job = _Job(item, rgb, grid)
-                yield job, rgb, grid
+                finally:
+                    waited[0] += time.perf_counter() - start
+                job = ImageJob(item, rgb, self.seg.plan(*rgb.shape[:2]))
+                if self.save_logits:
+                    try:  # allocated for real before its tiles run: a full disk surfaces here
+                        logits = self._open_logits(job, self.seg.num_classes)
+                    except OutputWriteError as exc:
+                        if isinstance(exc, DiskFullError):
+                            raise  # nothing more fits: stop the run at the first full-disk error
+                        self._record_failure(item.path, f"{item.path}: {exc}")  # e.g. a file-size limit
+                        continue
+                    job.logits_out = lambda num_classes, logits=logits: logits
+                yield job
                 if not self.overlay:
-                    job.rgb = None  # all tiles are in batches: free the image
+                    job.rgb = None  # all its tiles are in batches: free the image
 
-        return self.seg.iter_batches(jobs())
+        batches = self.seg.iter_batches(jobs())
+        while True:
+            start, waited[0] = time.perf_counter(), 0.0
+            batch = next(batches, None)
+            self.clock.add("tiles", time.perf_counter() - start - waited[0])
+            if batch is None:
+                return
+            yield batch
 
-    def _stitch(self, batch: TileBatch, result: np.ndarray, output: Output) -> None:
-        """(stitch thread) Hand each tile's result to its image; write finished images."""
+    def _stitch(self, batch: Batch, result: Any, output: Output) -> None:
+        """(stitch thread) Hand the batch's results to the assembler; write finished images."""
         if self.full_disk is not None:
             raise self.full_disk
-        for (job, index), tile in zip(batch.keys, result):
-            grid = job.grid
-            if job.failed:
-                continue
-            if output == "labels":
-                job.labels = tile[: grid.height, : grid.width].copy()
-            else:
-                if job.stitcher is None:
-                    try:
-                        logits = self._open_logits(job, tile.shape[0])
-                    except OutputWriteError as exc:  # file-size limit: this image fails; disk full: stop
-                        if isinstance(exc, DiskFullError):
-                            self.full_disk = exc
-                            raise
-                        job.failed, job.rgb = True, None
-                        self._record_failure(job.item.path, f"{job.item.path}: {exc}")
-                        continue
-                    job.stitcher = Stitcher(grid, tile.shape[0], self.seg.window, logits)
-                job.stitcher.add(index, tile)
-                if job.stitcher.done:
-                    job.labels = job.stitcher.labels()
-                    job.stitcher = None
-            if job.labels is not None:
-                self.writes.append(self.pool.submit(self._write, job))
-                while len(self.writes) > 2 * self.workers:
-                    self.writes.popleft().result()
+        for job in self.seg.add_results(batch, result, output):
+            self.writes.append(self.pool.submit(self._write, job))
+            while len(self.writes) > 2 * self.workers:
+                self.writes.popleft().result()
 
-    def _open_logits(self, job: _Job, num_classes: int) -> np.memmap | None:
-        if not self.save_logits:
-            return None
+    def _open_logits(self, job: ImageJob, num_classes: int) -> np.memmap:
         stack = contextlib.ExitStack()
-        path = output_path(self.out, job.item.rel_stem, LOGITS_SUFFIX)
+        path = output_path(self.out, job.key.rel_stem, LOGITS_SUFFIX)
         memmap = stack.enter_context(logits_memmap(path, (num_classes, job.grid.height, job.grid.width)))
-        job.logits_ctx = stack
+        job.data = stack
         with self.lock:
             self.open_jobs.append(job)
         return memmap
 
-    def _close_logits(self, job: _Job, failed: bool) -> None:
-        stack, job.logits_ctx = job.logits_ctx, None
+    def _close_logits(self, job: ImageJob, failed: bool) -> None:
+        stack, job.data = job.data, None
         if stack is None:
             return
         with self.lock:
@@ -313,9 +317,13 @@ class _Pipeline:
         else:
             stack.close()
 
-    def _write(self, job: _Job) -> None:
+    def _write(self, job: ImageJob) -> None:
         """(pool) Write the logits, overlay and finally the mask of one finished image."""
-        item = job.item
+        with self.clock("encode"):
+            self._write_outputs(job)
+
+    def _write_outputs(self, job: ImageJob) -> None:
+        item = job.key
         try:
             self._close_logits(job, failed=False)
             if self.overlay:

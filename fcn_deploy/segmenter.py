@@ -1,34 +1,46 @@
 """Tiled segmentation of one image at a time with any runner: :class:`Segmenter` plans the tile
-grid, normalises tiles into batches, runs the runner and stitches the logits (see
-:mod:`fcn_deploy.tiling`). :mod:`fcn_deploy.infer` (the ``infer`` pipeline) and
-:mod:`fcn_deploy.evaluate` build on it.
+grid, and its :class:`~fcn_deploy.tiling.assembler.Assembler` (numpy on the CPU, torch tensors
+on a CUDA runner's device) cuts the tiles into batches and stitches the runner's logits.
+:mod:`fcn_deploy.infer` (the ``infer`` pipeline) and :mod:`fcn_deploy.evaluate` build on it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Iterator
+import time
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from fcn_deploy.errors import InputMismatchError, UsageError
-from fcn_deploy.images import load_rgb, normalize
+from fcn_deploy.images import load_rgb
 from fcn_deploy.limits import check_batch_size
 from fcn_deploy.runners.base import Output, Runner
 from fcn_deploy.tiling import (
+    ASSEMBLER_KINDS,
     DEFAULT_OVERLAP,
     DEFAULT_PAD_MODE,
     DEFAULT_WINDOW,
     PAD_MODES,
     WINDOWS,
-    Stitcher,
-    TileBatch,
-    TileBatcher,
+    Assembler,
+    Batch,
+    ImageJob,
+    StageClock,
     TileGrid,
-    pad_tile,
+    make_assembler,
     plan_tiles,
 )
 from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_COLORMAP
+
+
+def runner_device(runner: Runner) -> str:
+    """Where ``runner`` wants its input tiles: its ``device`` ("cpu", "cuda", "cuda:N") when it
+    takes torch tensors (implements ``_infer_tensor``), else "cpu" (host numpy)."""
+    device = str(getattr(runner, "device", "cpu") or "cpu")
+    if not callable(getattr(runner, "_infer_tensor", None)):
+        return "cpu"
+    return device
 
 
 class Segmenter:
@@ -44,6 +56,8 @@ class Segmenter:
         overlap: minimum overlap of neighbouring tiles in pixels (< both tile sides).
         window: ``"hann"`` (weights toward tile centres) or ``"uniform"`` averaging.
         pad_mode: padding of images smaller than a tile, ``"constant"`` or ``"reflect"``.
+        assembler: ``"auto"`` (numpy for a CPU runner, torch tensors on a CUDA runner's
+            device), ``"torch"`` or ``"numpy"`` (see :func:`~fcn_deploy.tiling.make_assembler`).
     """
 
     def __init__(
@@ -54,6 +68,7 @@ class Segmenter:
         overlap: int = DEFAULT_OVERLAP,
         window: str = DEFAULT_WINDOW,
         pad_mode: str = DEFAULT_PAD_MODE,
+        assembler: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, not {batch_size}")
@@ -61,6 +76,8 @@ class Segmenter:
             raise UsageError(f"--window must be one of {', '.join(WINDOWS)}, not {window!r}")
         if pad_mode not in PAD_MODES:
             raise UsageError(f"pad mode must be one of {', '.join(PAD_MODES)}, not {pad_mode!r}")
+        if assembler not in ASSEMBLER_KINDS:
+            raise UsageError(f"assembler must be one of {', '.join(ASSEMBLER_KINDS)}, not {assembler!r}")
         if overlap < 0:
             raise UsageError(f"--overlap must be >= 0, not {overlap}")
         self.runner = runner
@@ -68,10 +85,16 @@ class Segmenter:
         self.overlap = overlap
         self.window = window
         self.pad_mode = pad_mode
+        self.assembler_kind = assembler
         self._owns_activation = False
         self._ready = False
         #: Tiles sent to the runner since creation (padding of a static batch excluded).
         self.tiles_run = 0
+        #: Seconds per stage (:class:`~fcn_deploy.tiling.StageClock`): ``engine`` (runner.infer),
+        #: ``stitch`` (assembler.add), the assembler's ``upload`` / ``download``, and what the
+        #: caller adds (``decode``, ``tiles``, ``encode`` in the infer pipeline).
+        self.clock = StageClock()
+        self._bridge = False  # set in prepare(): CPU tensors to a runner that takes numpy only
 
     # -- lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> "Segmenter":
@@ -110,13 +133,24 @@ class Segmenter:
         meta = self.runner.meta
         self.mean = tuple(meta.get("mean", IMAGENET_MEAN))
         self.std = tuple(meta.get("std", IMAGENET_STD))
-        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1) / std
         self.colormap = [tuple(c) for c in meta.get("colormap", VOC_COLORMAP)]
         limit = (spec.shape[0] if spec.shape[0] > 0 else None) or self.runner.max_batch
         self.effective_batch = min(self.batch_size, limit) if limit else self.batch_size
-        check_batch_size(self.effective_batch, self.tile_hw, int(meta.get("num_classes") or len(self.colormap)))
+        #: Classes the model scores (the artifact's metadata, else its colormap's length).
+        self.num_classes = int(meta.get("num_classes") or len(self.colormap))
+        check_batch_size(self.effective_batch, self.tile_hw, self.num_classes)
+        kwargs = dict(tile_hw=self.tile_hw, batch_size=self.effective_batch, mean=self.mean, std=self.std,
+                      window=self.window, pad_mode=self.pad_mode)
+        device = runner_device(self.runner)
+        try:
+            #: The tile assembler (numpy or torch, see :func:`~fcn_deploy.tiling.make_assembler`).
+            self.assembler: Assembler = make_assembler(self.assembler_kind, device=device, **kwargs)
+        except ValueError as exc:
+            raise UsageError(f"{self.runner.name}: {exc}") from None
+        self.assembler.clock = self.clock
+        self._host_writer = make_assembler("numpy", **kwargs)
+        # a runner without tensor inputs behind the torch assembler (then on the CPU): via numpy
+        self._bridge = self.assembler.kind == "torch" and not callable(getattr(self.runner, "_infer_tensor", None))
 
     def close(self) -> None:
         if self._owns_activation:
@@ -124,71 +158,83 @@ class Segmenter:
             self._owns_activation = False
         self._ready = False
 
-    # -- building blocks (shared with run_inference) --------------------------------------
+    # -- building blocks (shared with run_inference and evaluate) ---------------------------
     def plan(self, height: int, width: int) -> TileGrid:
         """The tile grid of an image of ``height`` x ``width``."""
         self.prepare()
         return plan_tiles(height, width, self.tile_hw, self.overlap)
 
     def write_tile(self, rgb: np.ndarray, grid: TileGrid, index: int, out: np.ndarray) -> None:
-        """Normalise tile ``index`` of the (H, W, 3) uint8 ``rgb`` into ``out`` (3, th, tw) float32."""
-        y0, y1, x0, x1 = grid.box(index)
-        h, w = y1 - y0, x1 - x0
-        if (h, w) != self.tile_hw and self.pad_mode != "constant":
-            pad_tile(normalize(rgb[y0:y1, x0:x1], self.mean, self.std), self.tile_hw, self.pad_mode, out)
-            return
-        # normalize()'s arithmetic, written straight into the batch: (x / 255 - mean) / std
-        dst = out[:, :h, :w]
-        np.multiply(rgb[y0:y1, x0:x1].transpose(2, 0, 1), self._scale, out=dst)
-        dst -= self._shift
-        out[:, h:, :] = 0
-        out[:, :h, w:] = 0
+        """Normalise tile ``index`` of the (H, W, 3) uint8 ``rgb`` into ``out`` (3, th, tw)
+        float32 numpy (:meth:`~fcn_deploy.tiling.assembler.NumpyAssembler.write_tile`)."""
+        self.prepare()
+        self._host_writer.write_tile(rgb, grid, index, out)
 
-    def run_batch(self, tiles: np.ndarray, output: Output) -> np.ndarray:
-        """``runner.infer`` on (n, 3, th, tw) float32 (the runner pads a short batch of a
-        fixed-batch model).
+    def run_batch(self, tiles: Any, output: Output) -> Any:
+        """``runner.infer`` on (n, 3, th, tw) float32 (numpy, or a tensor on the runner's
+        device; the runner pads a short batch of a fixed-batch model).
 
-        Returns (n, C, th, tw) logits or (n, th, tw) uint8 labels; any other shape is reported
-        as a model / tile size mismatch.
+        Returns (n, C, th, tw) logits or (n, th, tw) uint8 labels, of the input's kind; any
+        other shape is reported as a model / tile size mismatch. Its seconds go to the
+        ``engine`` stage timer.
         """
-        result = self.runner.infer(tiles, output=output)
-        th, tw = self.tile_hw
-        if output == "logits":
-            ok, expected = result.ndim == 4 and result.shape[2:] == (th, tw), f"(N,C,{th},{tw})"
+        start = time.perf_counter()
+        if self._bridge and not isinstance(tiles, np.ndarray):  # CPU tensors, a numpy-only runner
+            import torch
+
+            result = torch.from_numpy(np.ascontiguousarray(self.runner.infer(tiles.numpy(), output=output)))
         else:
-            ok, expected = result.ndim == 3 and result.shape[1:] == (th, tw), f"(N,{th},{tw})"
+            result = self.runner.infer(tiles, output=output)
+        self.clock.add("engine", time.perf_counter() - start)
+        th, tw = self.tile_hw
+        shape = tuple(result.shape)
+        if output == "logits":
+            ok, expected = len(shape) == 4 and shape[2:] == (th, tw), f"(N,C,{th},{tw})"
+        else:
+            ok, expected = len(shape) == 3 and shape[1:] == (th, tw), f"(N,{th},{tw})"
         if not ok:
             raise InputMismatchError(
-                f"{self.runner.name}: model returned {output} {tuple(result.shape)}, expected {expected}; "
+                f"{self.runner.name}: model returned {output} {shape}, expected {expected}; "
                 f"is it a segmentation model for {th}x{tw} tiles?"
             )
         self.tiles_run += len(tiles)
         return result
 
-    def iter_batches(self, jobs: Iterable[tuple[Any, np.ndarray, TileGrid]]) -> Iterator[TileBatch]:
-        """Normalised tile batches over ``(key, rgb, grid)`` jobs; each tile's batch key is
-        ``(key, tile_index)``. A batch may end one image and start the next."""
+    def iter_batches(self, jobs: Iterable[tuple[Any, np.ndarray, TileGrid] | ImageJob]) -> Iterator[Batch]:
+        """Normalised tile batches over ``(key, rgb, grid)`` jobs or :class:`ImageJob` s; each
+        tile's batch key is ``(job, tile_index)``. A batch may end one image and start the next."""
         self.prepare()
-        batcher = TileBatcher(self.effective_batch, (3, *self.tile_hw))
-        for key, rgb, grid in jobs:
-            for index in range(grid.count):
-                self.write_tile(rgb, grid, index, batcher.slot())
-                batch = batcher.commit((key, index))
-                if batch is not None:
-                    yield batch
-        last = batcher.flush()
-        if last is not None:
-            yield last
+
+        def as_jobs() -> Iterator[ImageJob]:
+            for job in jobs:
+                yield job if isinstance(job, ImageJob) else ImageJob(job[0], job[1], job[2])
+
+        return self.assembler.batches(as_jobs())
+
+    def segment(self, jobs: Iterable[ImageJob], want_logits: bool = False) -> Iterator[ImageJob]:
+        """Run ``jobs`` (tiles of consecutive images share batches) in this thread; yield each
+        job, in order, once its ``labels`` are set. Single-tile images get the runner's labels
+        unless ``want_logits`` (then every job's ``logits_out`` receives the averaged logits)."""
+        for batch in self.iter_batches(jobs):
+            output: Output = "labels" if batch.single_tiles and not want_logits else "logits"
+            result = self.run_batch(batch.tiles, output)
+            yield from self.add_results(batch, result, output)
+
+    def add_results(self, batch: Batch, result: Any, output: Output) -> list[ImageJob]:
+        """The assembler's :meth:`~fcn_deploy.tiling.assembler.Assembler.add`, timed as ``stitch``."""
+        start = time.perf_counter()
+        finished = self.assembler.add(batch, result, output)
+        self.clock.add("stitch", time.perf_counter() - start)
+        return finished
 
     # -- one image -------------------------------------------------------------------------
     def predict(self, image: str | os.PathLike | np.ndarray) -> np.ndarray:
         """(H, W) uint8 class ids of ``image`` (a path, or an (H, W, 3) uint8 RGB array)."""
         rgb = _as_rgb(image)
-        grid = self.plan(*rgb.shape[:2])
-        if grid.count == 1:
-            tiles = next(self.iter_batches([(None, rgb, grid)])).tiles
-            return self.run_batch(tiles, "labels")[0, : grid.height, : grid.width].copy()
-        return self._stitch(rgb, grid, None).labels()
+        job = ImageJob(None, rgb, self.plan(*rgb.shape[:2]))
+        for done in self.segment([job]):
+            return done.labels
+        raise AssertionError("a grid has at least one tile")  # pragma: no cover
 
     def predict_logits(self, image: str | os.PathLike | np.ndarray, dtype=np.float32) -> np.ndarray:
         """(C, H, W) averaged logits of ``image`` in ``dtype`` (this array is as large as it says:
@@ -201,20 +247,9 @@ class Segmenter:
             holder["logits"] = np.empty((num_classes, grid.height, grid.width), dtype=dtype)
             return holder["logits"]
 
-        self._stitch(rgb, grid, alloc)
+        for _ in self.segment([ImageJob(None, rgb, grid, logits_out=alloc)], want_logits=True):
+            pass
         return holder["logits"]
-
-    def _stitch(self, rgb: np.ndarray, grid: TileGrid, alloc: Callable[[int], np.ndarray] | None) -> Stitcher:
-        stitcher: Stitcher | None = None
-        for batch in self.iter_batches([(None, rgb, grid)]):
-            logits = self.run_batch(batch.tiles, "logits")
-            if stitcher is None:
-                num_classes = logits.shape[1]
-                stitcher = Stitcher(grid, num_classes, self.window, alloc(num_classes) if alloc else None)
-            for (_, index), tile in zip(batch.keys, logits):
-                stitcher.add(index, tile)
-        assert stitcher is not None  # a grid has at least one tile
-        return stitcher
 
 
 def _as_rgb(image: str | os.PathLike | np.ndarray) -> np.ndarray:

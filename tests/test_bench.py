@@ -103,6 +103,12 @@ def test_bench_pipeline_on_a_folder(checkpoint_path, tmp_path):
     assert pipe["images_per_s"] == pytest.approx(3 / pipe["seconds"], rel=1e-2)
     assert pipe["tiles_per_s"] == pytest.approx(pipe["tiles"] / pipe["seconds"], rel=1e-2)
     assert "pipeline (batch " in lines[0] and "3 images" in lines[0] and "1 failed" in lines[0]
+    assert pipe["engine_tiles_per_s"] == max(r["tiles_per_s"] for r in result["engine"])
+    assert pipe["end_to_end_ratio"] == pytest.approx(pipe["tiles_per_s"] / pipe["engine_tiles_per_s"], rel=1e-2)
+    stages = pipe["stage_seconds"]
+    assert list(stages) == ["decode", "tiles", "upload", "engine", "stitch", "download", "encode"]
+    assert all(stages[k] > 0 for k in ("decode", "tiles", "engine", "encode"))
+    assert "end-to-end / engine-only" in lines[0] and "seconds per stage" in lines[0]
 
 
 def test_bench_ort_stages_and_reports(onnx_path):

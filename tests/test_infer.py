@@ -297,6 +297,29 @@ def test_run_inference_on_a_tree(small_runner, photo_tree, tmp_path):
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
 
 
+def test_run_inference_torch_assembler_equals_numpy(small_runner, photo_tree, tmp_path):
+    """The pipeline through the torch assembler (CPU tensors) writes the very same masks and
+    logits as through the numpy one; stage timers are filled."""
+    root, good = photo_tree
+    runs = {}
+    for kind in ("numpy", "torch"):
+        out = tmp_path / kind
+        runs[kind] = run_inference([root], out, runner=small_runner, batch_size=3, overlap=OVERLAP,
+                                   save_logits=True, progress=False, workers=2, assembler=kind)
+        assert runs[kind].images == len(good)
+    assert runs["torch"].tiles == runs["numpy"].tiles
+    for rel in good:
+        stem = _stem(rel)
+        np.testing.assert_array_equal(_mask(tmp_path / "torch" / (stem + ".png")),
+                                      _mask(tmp_path / "numpy" / (stem + ".png")))
+        np.testing.assert_array_equal(np.load(tmp_path / "torch" / (stem + ".logits.npy")),
+                                      np.load(tmp_path / "numpy" / (stem + ".logits.npy")))
+    stages = runs["numpy"].stages
+    assert all(stages[k] > 0 for k in ("decode", "tiles", "engine", "stitch", "encode")), stages
+    with pytest.raises(UsageError, match="assembler must be one of"):
+        run_inference([root], tmp_path / "x", runner=small_runner, assembler="cupy", progress=False)
+
+
 def test_exif_rotation_is_applied(small_runner, tmp_path):
     rgb = _photo(40, 90, seed=2)
     exif = Image.Exif()

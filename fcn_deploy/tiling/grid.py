@@ -1,4 +1,5 @@
-"""Tile grid, tile extraction, batching and a memory-bounded stitcher. Pure numpy: no backend.
+"""Tile grid, tile extraction, batching and a memory-bounded stitcher. Pure numpy: no backend
+(the torch counterpart is :mod:`fcn_deploy.tiling.assembler`).
 
 An (H, W) image is covered by tiles of ``tile_hw`` = (th, tw) whose origins are spread evenly
 along each axis, the first at 0 and the last ending exactly at the border, with at least
