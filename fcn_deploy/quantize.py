@@ -22,6 +22,7 @@ Calibration tiles are cut from real images by :func:`fcn_deploy.parity.draw_tile
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -53,9 +54,6 @@ MIN_CALIB_TILES = 8
 CALIB_BATCH = 4
 #: Percentile kept by ``--calib-method percentile`` (onnxruntime's default, 99.999).
 PERCENTILE = 99.999
-#: The intermediate outputs collected before the histogram calibrators fold them into their
-#: histograms (bounds memory: one 320x480 tile's activations are ~40 MB of float32).
-CALIB_MAX_INTERMEDIATE = 4
 
 
 def int8_output_path(onnx_path: str | os.PathLike) -> Path:
@@ -252,9 +250,13 @@ def quantize_qdq(fp32_model, reader: TileCalibrationReader, *, method: str = "mi
     extra = {
         "ActivationSymmetric": symmetric_activations,
         "WeightSymmetric": True,
-        "CalibMaxIntermediateOutputs": CALIB_MAX_INTERMEDIATE,
         "QuantizeBias": False,
     }
+    # No "CalibMaxIntermediateOutputs": onnxruntime 1.32's MinMax calibrator *discards* the
+    # collected batches each time that many accumulate (and fails with "No data is collected" on
+    # an exact multiple); MinMax keeps only per-batch min/max scalars anyway. The histogram
+    # calibrators ignore the option and hold every batch's activations until the end (about
+    # 30 MB per 320x480 tile), which bounds --calib-tiles in practice to a few hundred.
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
     with contextlib.ExitStack() as stack:
@@ -272,13 +274,14 @@ def quantize_qdq(fp32_model, reader: TileCalibrationReader, *, method: str = "mi
         reader.rewind()
         logging.getLogger("onnxruntime").setLevel(logging.ERROR)
         try:
-            quantize_static(
-                str(src), str(out), reader, quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-                weight_type=QuantType.QInt8, per_channel=True,
-                calibrate_method=getattr(CalibrationMethod, CALIB_METHODS[method]),
-                nodes_to_exclude=exclude, extra_options=extra,
-            )
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+                quantize_static(
+                    str(src), str(out), reader, quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True,
+                    calibrate_method=getattr(CalibrationMethod, CALIB_METHODS[method]),
+                    nodes_to_exclude=exclude, extra_options=extra,
+                )
         except Exception as exc:  # onnxruntime raises many types
             raise ExportError(f"onnxruntime quantize_static failed: {first_line(exc)}") from None
         return onnx.load(str(out)), exclude

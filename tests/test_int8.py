@@ -136,7 +136,10 @@ def test_fixed_batch_reader_fills_up_with_its_own_tiles():
     assert np.allclose(batches[1]["image"][1] * 255, rgb[0].astype(np.float32))
 
 
-def test_refusals(small_onnx, voc_root, int8_report, tmp_path, fp16_onnx_path):
+def test_refusals(small_onnx, voc_root, int8_report, tmp_path):
+    from fcn_deploy.export import convert_fp16
+
+    fp16_onnx_path = convert_fp16(small_onnx, tmp_path / "fp16" / "fcn.fp16.onnx", verify=False)
     with pytest.raises(UsageError, match="--calib-tiles 4: calibration needs at least 8"):
         export_int8(small_onnx, voc_root=voc_root, calib_tiles=4, output=tmp_path / "a.onnx")
     with pytest.raises(UsageError, match="--calib PATHS or --voc-root DIR"):
@@ -203,3 +206,19 @@ def test_tensorrt_rtx_builds_the_qdq_network(int8_report):
     built = build_int8_engine_check(int8_report.path, flavour="rtx", max_batch=2)
     assert built["flavour"] == "rtx" and built["engine_bytes"] > 1_000_000
     assert built["quantize_layers"] > 10 and built["dequantize_layers"] > 10
+
+
+def test_every_calibration_batch_counts(small_onnx):
+    """The input scale reflects the last of 9 one-tile batches (a white tile among grey ones): no
+    batch is dropped (onnxruntime's CalibMaxIntermediateOutputs would drop them)."""
+    from fcn_deploy.artifacts import meta_from_model
+
+    fp32 = onnx.load(small_onnx)
+    meta = meta_from_model(fp32)
+    rgb = np.full((9, 3, *TILE_HW), 128, dtype=np.uint8)
+    rgb[-1] = 255
+    reader = TileCalibrationReader(rgb, meta["mean"], meta["std"], "image", batch=1)
+    model, _ = quantize_qdq(fp32, reader, preprocess=False)
+    white = max((1.0 - m) / s for m, s in zip(meta["mean"], meta["std"]))
+    assert reader.served_ids == list(range(9))
+    assert _activation_scales(model)["image"] == pytest.approx(white / 127, rel=1e-4)
