@@ -536,11 +536,12 @@ def step_memory(ctx: Ctx) -> None:
     rec = Recorder(ctx, "memory")
     huge = ctx.work / "photos" / "huge"
     count, h, w = photo_sets(ctx)["huge"]
-    c, th, tw, b = 21, 320, 480, ctx.batch
-    rec["bound_one_image_bytes"] = {  # the assembler's stated formula (fcn_deploy/tiling/assembler.py)
-        "formula": "3HW + (C+1)*th*W*4 + C*th*tw*4 + 9*th*tw*4 + th*W*15 + B*3*th*tw*4 + B*C*th*tw*4",
-        "H": h, "W": w, "B": b, "value_mib": round((3 * h * w + (c + 1) * th * w * 4 + c * th * tw * 4 + 9 * th * tw * 4
-                                                    + th * w * 15 + b * 3 * th * tw * 4 + b * c * th * tw * 4) / 2**20, 1)}
+    from fcn_deploy.tiling import plan_tiles
+    from fcn_deploy.tiling.assembler import torch_memory_bound
+
+    bound = torch_memory_bound(plan_tiles(h, w), 21, ctx.batch)
+    rec["assembler_bound"] = {"source": "fcn_deploy.tiling.assembler.torch_memory_bound", "H": h, "W": w,
+                              "B": ctx.batch, "value_mib": round(bound / 2**20, 1)}
     configs = [("torch fp16", ("torch", ctx.model, {"precision": "fp16"})), ("ort fp32", ("ort", ctx.onnx("fcn.onnx"), {}))]
     if ctx.dry:
         configs = [("torch fp32 (dry run)", ("torch", ctx.model, {}))]
@@ -559,12 +560,25 @@ def step_memory(ctx: Ctx) -> None:
             t0 = time.perf_counter()
             backend, model, extra = kw
             runner = create_runner(backend, model, device=ctx.device, **extra)
+            runner_peak = None
+            if on_gpu:  # the engine's own peak (weights, activations of one batch), measured apart
+                runner.activate()
+                runner.infer(torch.zeros((ctx.batch, 3, 320, 480), device=runner.device))
+                torch.cuda.synchronize()
+                runner_peak = torch.cuda.max_memory_allocated() - base_alloc
+                torch.cuda.reset_peak_memory_stats()
             summary = run_inference([huge], ctx.work / f"pred-huge-{label.split()[0]}", runner=runner,
                                     batch_size=ctx.batch, progress=False)
+            if runner.is_active:
+                runner.deactivate()
             res: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 2), "images": summary.images,
                                    "tiles": summary.tiles, "failed": [m for _, m in summary.failed]}
             if on_gpu:
-                res.update({"torch_max_allocated_mib": round((torch.cuda.max_memory_allocated() - base_alloc) / 2**20, 1),
+                peak = torch.cuda.max_memory_allocated() - base_alloc
+                res.update({"runner_peak_mib": round(runner_peak / 2**20, 1),
+                            "within_bound": peak <= runner_peak + bound,
+                            "bound_mib": round((runner_peak + bound) / 2**20, 1),
+                            "torch_max_allocated_mib": round(peak / 2**20, 1),
                             "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1)})
                 res.update(smi.stop())
             return res

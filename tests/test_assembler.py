@@ -15,6 +15,7 @@ from fcn_deploy.tiling import (
     make_assembler,
     plan_tiles,
 )
+from fcn_deploy.tiling.assembler import WHOLE_IMAGE_BAND_BYTES, torch_memory_bound
 from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
 
 
@@ -179,12 +180,11 @@ def test_torch_assembler_memory_is_bounded_on_8000x8000():
         tracemalloc.stop()
     torch_peak = _torch_cpu_peak(prof)
     assert job.labels is not None and job.labels.shape == (H, W)
-    band = min(th, H) * W
-    bound_torch = (C + 1) * band * 4 + C * th * tw * 4 + band * 20 + 2 * B * 3 * th * tw * 4 \
-        + B * C * th * tw * 4
+    # the docstring's bound, less the uint8 image (on CPU tensors it is the numpy array's memory)
+    bound_torch = torch_memory_bound(job.grid, C, B) - 3 * H * W
     assert torch_peak <= bound_torch, (torch_peak, bound_torch)
-    # the (H, W) uint8 labels; the windows (numpy arrays, shared by their CPU tensors); small objects
-    assert numpy_peak <= H * W + 9 * th * tw * 4 + (1 << 20), numpy_peak
+    # the (H, W) uint8 labels and small objects (the windows are built as numpy arrays too)
+    assert numpy_peak <= H * W + (1 << 20), numpy_peak
     assert torch_peak + numpy_peak < C * H * W * 4 / 2  # a (C, H, W) float32 buffer: 512 MB
 
 
@@ -216,8 +216,19 @@ def test_cuda_assembler_equals_numpy_and_peak_memory_within_bound():
         cu_asm.add(batch, logits, "logits")
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    band = min(th, H) * W
-    bound = 3 * H * W + (C + 1) * band * 4 + C * th * tw * 4 + 9 * th * tw * 4 + 20 * band \
-        + 2 * B * 3 * th * tw * 4 + B * C * th * tw * 4
+    bound = torch_memory_bound(job.grid, C, B)
     assert job.labels.shape == (H, W)
     assert peak <= bound, (peak, bound)
+
+
+def test_torch_stitcher_keeps_small_images_whole_and_bands_large_ones():
+    """Up to WHOLE_IMAGE_BAND_BYTES of class sums the image is finalised once (one argmax and one
+    download per photo); beyond, a ring buffer of one tile row bounds the memory."""
+    from fcn_deploy.tiling import TorchStitcher
+
+    asm = TorchAssembler(TILE_HW, 4, IMAGENET_MEAN, IMAGENET_STD, device="cpu")
+    small = TorchStitcher(asm, plan_tiles(375, 500, TILE_HW), 21)
+    assert small.whole and tuple(small.band.shape) == (21, 375, 500) and small.weight is None
+    large = TorchStitcher(asm, plan_tiles(3000, 4000, TILE_HW), 21)
+    assert not large.whole and tuple(large.band.shape) == (21, TILE_HW[0], 4000)
+    assert 21 * 375 * 500 * 4 <= WHOLE_IMAGE_BAND_BYTES < 21 * 3000 * 4000 * 4

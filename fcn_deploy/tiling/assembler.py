@@ -22,14 +22,16 @@ same masks; ties of the argmax go to the first class on both.
 
 Memory of one image in flight, with C classes, an H x W image, tiles th x tw, a batch of B:
 
-* TorchAssembler, on its device: ``3*H*W`` (uint8 image, released once its tiles are cut)
-  ``+ (C + 1) * min(th, H) * W * 4`` (band and weights) ``+ C*th*tw*4`` (product scratch)
-  ``+ 9*th*tw*4`` (windows: at most 9 border cases, shared by all images)
-  ``+ 20 * min(th, H) * W`` (argmax temporaries of one band: maximum float32, index int64,
-  NaN mask and uint8 labels; averaged logits float32 and float16 when saved) per image, plus
-  ``B*3*th*tw*4`` per tile batch in flight and the runner's ``B*C*th*tw*4`` output. On the
-  host: the (H, W) uint8 label map. Never (C, H, W). (On CPU tensors the image and the windows
-  share the numpy arrays' memory.) ``tests/test_assembler.py`` traces this for 8000x8000.
+* TorchAssembler, on its device (:func:`torch_memory_bound` computes it): ``3*H*W`` (uint8
+  image, released once its tiles are cut) ``+ (C + 1) * R * W * 4`` (band and, only when the
+  logits are saved, weights; R = H when ``C*H*W*4`` <= :data:`WHOLE_IMAGE_BAND_BYTES`, else
+  ``min(th, H)``) ``+ 14 * R * W`` (argmax temporaries: maximum float32, index int64, NaN
+  mask, uint8 labels) ``+ 2*B*C*th*tw*4 + 7*B*th*tw`` (one group's weighted logits and their
+  reordered copy, its windows and gathered uint8 pixels) ``+ 40 * (count + rows*th +
+  cols*tw)`` (the grid's index tensors), plus ``2 * B*3*th*tw*4`` for the tile batches in flight
+  and the runner's ``B*C*th*tw*4`` output. On the host: the (H, W) uint8 label map (pinned on
+  CUDA). Never (C, H, W) beyond the 32 MiB above. ``tests/test_assembler.py`` traces this for
+  8000x8000 on the CPU, the GPU session on CUDA.
 * NumpyAssembler: the Stitcher's ``(C + 1) * min(th, H) * W * 4 + H*W`` plus the batches.
 
 The pipeline bounds how many images and batches are in flight (bounded queues).
@@ -56,10 +58,14 @@ from fcn_deploy.tiling.grid import (
     TileBatcher,
     TileGrid,
     pad_tile,
-    tile_window,
 )
 
 Output = Literal["logits", "labels"]
+
+#: A TorchStitcher keeps the whole image's (C, H, W) float32 sums (no ring buffer, one argmax
+#: and one download per image) when they take at most this many bytes: 32 MiB holds 21 classes
+#: of a 0.4-megapixel photo, where per-band work would cost more launches than the image's tiles.
+WHOLE_IMAGE_BAND_BYTES = 32 << 20
 AssemblerKind = Literal["auto", "numpy", "torch"]
 ASSEMBLER_KINDS: tuple[str, ...] = ("auto", "numpy", "torch")
 
@@ -99,8 +105,10 @@ class ImageJob:
 
     ``rgb`` is the (H, W, 3) uint8 image, ``grid`` its tile grid; ``logits_out``, when given,
     is called once with the class count and returns a (C, H, W) array-like (e.g. a float16
-    ``np.memmap``) that receives the averaged logits. ``labels`` is set, (H, W) uint8, once the
-    image is finished. ``key`` and ``data`` belong to the caller.
+    ``np.memmap``) that receives the averaged logits. ``labels`` is the (H, W) uint8 label map
+    once the image is finished (on CUDA its download may still be in flight when the assembler
+    hands the job out: the first read of ``labels`` waits for it, in the reader's thread).
+    ``key`` and ``data`` belong to the caller.
     """
 
     key: Any
@@ -108,8 +116,24 @@ class ImageJob:
     grid: TileGrid
     logits_out: Callable[[int], Any] | None = None
     data: Any = None
-    labels: np.ndarray | None = None
+    _labels: np.ndarray | None = field(default=None, repr=False)
+    _pending: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     _acc: Any = field(default=None, repr=False)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if self._pending is not None:
+            self._labels, self._pending = self._pending(), None
+        return self._labels
+
+    @labels.setter
+    def labels(self, value: np.ndarray | None) -> None:
+        self._labels, self._pending = value, None
+
+    @property
+    def finished(self) -> bool:
+        """True once the labels are set or on their way to the host."""
+        return self._labels is not None or self._pending is not None
 
 
 @dataclass
@@ -201,7 +225,7 @@ class Assembler:
                 if job._acc.done:
                     job.labels = job._acc.labels()
                     job._acc = None
-            if job.labels is not None:
+            if job.finished:
                 finished.append(job)
         return finished
 
@@ -254,7 +278,14 @@ class NumpyAssembler(Assembler):
 
 
 class TorchAssembler(Assembler):
-    """:class:`Assembler` on torch tensors on ``device`` (see the module docstring)."""
+    """:class:`Assembler` on torch tensors on ``device`` (see the module docstring).
+
+    Work is vectorised per *group* (the tiles of one image that share a batch and a tile row),
+    not per tile: one gather cuts and one multiply-subtract normalises a group's tiles, one
+    ``index_add_`` accumulates its window-weighted logits into the band. On CUDA, label maps go
+    to the host through pinned memory without blocking the calling thread (see
+    :class:`ImageJob`).
+    """
 
     kind = "torch"
 
@@ -264,93 +295,164 @@ class TorchAssembler(Assembler):
 
         self.torch = torch
         self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
         self._scale = torch.from_numpy(self.scale).to(self.device)
         self._shift = torch.from_numpy(self.shift).to(self.device)
-        self._pinned = self.device.type == "cuda"
-        self._reflect: dict[tuple[int, int], Any] = {}
-        self._windows: dict[tuple[bool, bool, bool, bool], Any] = {}
+        self._indexes: dict[tuple[int, int], GridIndex] = {}
 
     def upload(self, rgb: np.ndarray):
         """(H, W, 3) uint8 numpy -> the same as a uint8 tensor on the device (on CUDA through
         pinned staging memory, asynchronously; on the CPU without a copy)."""
         torch = self.torch
         src = torch.from_numpy(np.ascontiguousarray(rgb))
-        if not self._pinned:
+        if not self._cuda:
             return src.to(self.device)
         with self.clock("upload"):
             staged = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
             staged.copy_(src)
             return staged.to(self.device, non_blocking=True)
 
-    def _reflect_index(self, n: int, size: int):
-        """Indices of np.pad(..., mode="reflect") of an axis of ``n`` to ``size`` (on the device)."""
-        key = (n, size)
-        if key not in self._reflect:
-            idx = np.pad(np.arange(n), (0, size - n), mode="reflect")
-            self._reflect[key] = self.torch.from_numpy(idx).to(self.device)
-        return self._reflect[key]
+    def index(self, grid: TileGrid) -> "GridIndex":
+        """The device index tensors of ``grid`` (cached for the last 16 image sizes)."""
+        key = (grid.height, grid.width)
+        found = self._indexes.get(key)
+        if found is None or found.grid != grid:
+            if len(self._indexes) >= 16:
+                self._indexes.pop(next(iter(self._indexes)))
+            found = self._indexes[key] = GridIndex(self, grid)
+        return found
 
-    def write_tile(self, image, grid: TileGrid, index: int, out) -> None:
-        """Normalise tile ``index`` of the (H, W, 3) uint8 device ``image`` into ``out``
-        (3, th, tw) float32 on the device (the arithmetic of :meth:`NumpyAssembler.write_tile`)."""
-        torch = self.torch
-        y0, y1, x0, x1 = grid.box(index)
-        h, w = y1 - y0, x1 - x0
-        crop = image[y0:y1, x0:x1].permute(2, 0, 1)
-        th, tw = self.tile_hw
-        if (h, w) != self.tile_hw and self.pad_mode != "constant":
-            crop = crop.index_select(1, self._reflect_index(h, th)).index_select(2, self._reflect_index(w, tw))
-            torch.mul(crop, self._scale, out=out)
-            out.sub_(self._shift)
-            return
-        dst = out[:, :h, :w]
-        torch.mul(crop, self._scale, out=dst)
-        dst.sub_(self._shift)
-        if h < th:
-            out[:, h:, :] = 0
-        if w < tw:
-            out[:, :h, w:] = 0
+    def cut(self, image, grid: TileGrid, first: int, stop: int, out) -> None:
+        """Normalise tiles [first, stop) of the (H, W, 3) uint8 device ``image`` into ``out``
+        (stop - first, 3, th, tw) float32 on the device: one gather, one multiply, one subtract
+        (the arithmetic of :meth:`NumpyAssembler.write_tile`; padding by index maps)."""
+        ix = self.index(grid)
+        rows, cols = ix.tile_row[first:stop], ix.tile_col[first:stop]
+        ys, xs = ix.row_pixels.index_select(0, rows), ix.col_pixels.index_select(0, cols)
+        tiles = image[ys[:, :, None], xs[:, None, :]]  # (k, th, tw, 3) uint8
+        self.torch.mul(tiles.permute(0, 3, 1, 2), self._scale, out=out)
+        out.sub_(self._shift)
+        if ix.pad_mask is not None:  # constant padding: zeros after normalisation, as pad_tile
+            out.masked_fill_(~ix.pad_mask, 0.0)
 
     def batches(self, jobs: Iterable[ImageJob]) -> Iterator[Batch]:
         torch = self.torch
+        size = self.batch_size
         buf, keys = None, []
         for job in jobs:
             image = self.upload(job.rgb)
-            for index in range(job.grid.count):
+            count, first = job.grid.count, 0
+            while first < count:
                 if buf is None:  # a fresh tensor per batch: the runner may still read the last one
-                    buf = torch.empty((self.batch_size, 3, *self.tile_hw), dtype=torch.float32, device=self.device)
-                self.write_tile(image, job.grid, index, buf[len(keys)])
-                keys.append((job, index))
-                if len(keys) == self.batch_size:
+                    buf = torch.empty((size, 3, *self.tile_hw), dtype=torch.float32, device=self.device)
+                stop = min(count, first + size - len(keys))
+                self.cut(image, job.grid, first, stop, buf[len(keys): len(keys) + stop - first])
+                keys.extend((job, i) for i in range(first, stop))
+                first = stop
+                if len(keys) == size:
                     yield Batch(buf, keys)
                     buf, keys = None, []
             del image
         if keys:
             yield Batch(buf[: len(keys)], keys)
 
-    def _to_host_labels(self, tile) -> np.ndarray:
-        return np.array(tile.to(dtype=self.torch.uint8).cpu().numpy(), dtype=np.uint8)
+    def add(self, batch: Batch, result: Any, output: Output) -> list[ImageJob]:
+        keys, finished = batch.keys, []
+        if output == "labels":
+            if any(job.grid.count != 1 for job, _ in keys):
+                raise ValueError("labels output for an image of several tiles: logits are needed")
+            host, ready = self._to_host(result)
+            for i, (job, _) in enumerate(keys):
+                h, w = job.grid.height, job.grid.width
+                job._pending = lambda i=i, h=h, w=w: (ready(), np.array(host[i, :h, :w], dtype=np.uint8))[1]
+                finished.append(job)
+            return finished
+        i = 0
+        while i < len(keys):  # groups: consecutive tiles of one image and one tile row
+            job, first = keys[i]
+            cols = job.grid.cols
+            j = i + 1
+            while j < len(keys) and keys[j][0] is job and keys[j][1] == first + j - i and keys[j][1] // cols == first // cols:
+                j += 1
+            if job._acc is None:
+                num_classes = int(result.shape[1])
+                out = job.logits_out(num_classes) if job.logits_out is not None else None
+                job._acc = TorchStitcher(self, job.grid, num_classes, out)
+            job._acc.add_group(first, result[i:j])
+            if job._acc.done:
+                job._pending, job._acc = job._acc.labels_later(), None
+                finished.append(job)
+            i = j
+        return finished
 
-    def window_tensor(self, grid: TileGrid, index: int):
-        """(th, tw) float32 device weights of tile ``index`` (flat towards the image borders)."""
-        row, col = divmod(index, grid.cols)
-        borders = (row == 0, row == grid.rows - 1, col == 0, col == grid.cols - 1)
-        if borders not in self._windows:
-            win = tile_window(grid.tile_hw, self.window, self.floor, borders)
-            self._windows[borders] = self.torch.from_numpy(win).to(self.device)
-        return self._windows[borders]
+    def _to_host(self, labels) -> tuple[np.ndarray, Callable[[], None]]:
+        """(n, th, tw) device labels -> (host array, wait()): on CUDA an asynchronous copy to
+        pinned memory and an event to wait for; on the CPU the tensor's own memory."""
+        torch = self.torch
+        labels = labels.to(torch.uint8)
+        if not self._cuda:
+            return labels.numpy(), lambda: None
+        pinned = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=True)
+        pinned.copy_(labels, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return pinned.numpy(), event.synchronize
 
-    def _stitcher(self, grid: TileGrid, num_classes: int, logits_out: Any) -> "TorchStitcher":
-        return TorchStitcher(self, grid, num_classes, logits_out)
+
+class GridIndex:
+    """Index tensors (on the assembler's device) that cut and place the tiles of one grid.
+
+    ``tile_row`` / ``tile_col`` (count,) int64: each tile's row and column; ``row_pixels``
+    (rows, th) / ``col_pixels`` (cols, tw) int64: the image rows / columns each tile row /
+    column reads (padding: reflected, or clamped and masked by ``pad_mask`` (1, 1, th, tw)
+    for constant padding); ``col_targets`` (cols, w) int64: the image columns a tile column's
+    logits land on; ``win_rows`` (rows, th) / ``win_cols`` (cols, tw) float32: the separable
+    averaging window of :func:`~fcn_deploy.tiling.grid.tile_window` (None when uniform).
+    """
+
+    def __init__(self, asm: TorchAssembler, grid: TileGrid) -> None:
+        from fcn_deploy.tiling.grid import _axis_window
+
+        torch, dev = asm.torch, asm.device
+        th, tw = grid.tile_hw
+        self.grid = grid
+        h, w = min(th, grid.height), min(tw, grid.width)  # < the tile side only for a 1-tile axis
+
+        def pixels(origins, n, size):
+            base = np.arange(size)
+            if n < size:
+                base = np.pad(np.arange(n), (0, size - n), mode="reflect") if asm.pad_mode == "reflect" \
+                    else np.minimum(base, n - 1)
+            return torch.from_numpy(np.asarray(origins)[:, None] + base[None, :]).to(dev)
+
+        t = torch.arange(grid.count)
+        self.tile_row = (t // grid.cols).to(dev)
+        self.tile_col = (t % grid.cols).to(dev)
+        self.row_pixels = pixels(grid.ys, h, th)
+        self.col_pixels = pixels(grid.xs, w, tw)
+        self.pad_mask = None
+        if asm.pad_mode == "constant" and (h < th or w < tw):
+            mask = np.zeros((th, tw), dtype=bool)
+            mask[:h, :w] = True
+            self.pad_mask = torch.from_numpy(mask).to(dev)[None, None]
+        self.col_targets = torch.from_numpy(np.asarray(grid.xs)[:, None] + np.arange(w)[None, :]).to(dev)
+        self.win_rows = self.win_cols = None
+        if asm.window != "uniform":
+            last_r, last_c = grid.rows - 1, grid.cols - 1
+            wy = [_axis_window(th, asm.window, asm.floor, r == 0, r == last_r) for r in range(grid.rows)]
+            wx = [_axis_window(tw, asm.window, asm.floor, c == 0, c == last_c) for c in range(grid.cols)]
+            self.win_rows = torch.from_numpy(np.stack(wy)).to(dev)
+            self.win_cols = torch.from_numpy(np.stack(wx)).to(dev)
 
 
 class TorchStitcher:
-    """:class:`~fcn_deploy.tiling.grid.Stitcher` on device tensors (same rules, same arithmetic).
+    """:class:`~fcn_deploy.tiling.grid.Stitcher` on device tensors (same rules, same arithmetic,
+    same order of the sums), taking a group of tiles of one tile row at a time.
 
-    Memory on the device: ``band`` (C, min(th, H), W) float32, ``weight`` (min(th, H), W)
-    float32 (ring buffers: image row y in band row y % min(th, H)), a (C, th, tw) float32
-    product scratch (hann only); per finalised band, its argmax temporaries. On the host: the
-    (H, W) uint8 labels.
+    Memory on the device: ``band`` (C, min(th, H), W) float32 (a ring buffer: image row y in
+    band row y % min(th, H)), or (C, H, W) when that takes at most
+    :data:`WHOLE_IMAGE_BAND_BYTES`; ``weight`` (band rows, W) float32 only when the averaged
+    logits are saved (the argmax does not need them: the weights are the same for every class).
     """
 
     def __init__(self, asm: TorchAssembler, grid: TileGrid, num_classes: int, logits_out: Any = None) -> None:
@@ -363,15 +465,17 @@ class TorchStitcher:
         torch = asm.torch
         self.asm, self.grid, self.num_classes, self.logits_out = asm, grid, num_classes, logits_out
         self.torch = torch
-        band_h = min(grid.tile_hw[0], grid.height)
+        self.index = asm.index(grid)
+        #: Whole image in the band (see WHOLE_IMAGE_BAND_BYTES): finalised once, at the end.
+        self.whole = num_classes * grid.height * grid.width * 4 <= WHOLE_IMAGE_BAND_BYTES
+        band_h = grid.height if self.whole else min(grid.tile_hw[0], grid.height)
         dev = asm.device
         self.band = torch.zeros((num_classes, band_h, grid.width), dtype=torch.float32, device=dev)
-        self.weight = torch.zeros((band_h, grid.width), dtype=torch.float32, device=dev)
-        self._scratch = (
-            None if asm.window == "uniform"
-            else torch.empty((num_classes, *grid.tile_hw), dtype=torch.float32, device=dev)
+        self.weight = (
+            None if logits_out is None else torch.zeros((band_h, grid.width), dtype=torch.float32, device=dev)
         )
         self._labels = np.empty((grid.height, grid.width), dtype=np.uint8)
+        self._downloads: list[tuple[slice, Any]] = []  # CUDA: (image rows, pinned labels) in flight
         self._added = np.zeros(grid.count, dtype=bool)
         self._row = 0
         self.rows_done = 0
@@ -385,54 +489,82 @@ class TorchStitcher:
 
     @property
     def buffer_bytes(self) -> int:
-        """Device bytes of band, weights and scratch (windows are shared by the assembler)."""
-        scratch = 0 if self._scratch is None else self._scratch.nbytes
-        return self.band.nbytes + self.weight.nbytes + scratch
+        """Device bytes of band and weights (the grid's index tensors are shared)."""
+        return self.band.nbytes + (0 if self.weight is None else self.weight.nbytes)
 
     def add(self, index: int, logits) -> None:
         """Accumulate tile ``index``'s (C, th, tw) float32/float16 device logits."""
-        grid = self.grid
+        self.add_group(index, logits[None])
+
+    def add_group(self, first: int, logits) -> None:
+        """Accumulate tiles [first, first + k) of one tile row: (k, C, th, tw) float32/float16
+        device logits."""
+        grid, torch, ix = self.grid, self.torch, self.index
+        k = int(logits.shape[0])
         expected = (self.num_classes, *grid.tile_hw)
-        if tuple(logits.shape) != expected:
-            raise ValueError(f"tile logits have shape {tuple(logits.shape)}, expected {expected}")
-        if not 0 <= index < grid.count:
-            raise IndexError(f"tile index {index} out of range [0, {grid.count})")
-        if self._added[index]:
-            raise ValueError(f"tile {index} was added twice")
-        row = index // grid.cols
+        if tuple(logits.shape[1:]) != expected:
+            raise ValueError(f"tile logits have shape {tuple(logits.shape[1:])}, expected {expected}")
+        if not (0 <= first and first + k <= grid.count):
+            raise IndexError(f"tiles [{first}, {first + k}) out of range [0, {grid.count})")
+        if self._added[first: first + k].any():
+            raise ValueError(f"tile {first + int(np.argmax(self._added[first: first + k]))} was added twice")
+        row = first // grid.cols
+        if (first + k - 1) // grid.cols != row:
+            raise ValueError(f"tiles [{first}, {first + k}) span more than one tile row")
         if row < self._row:
-            raise ValueError(f"tile {index} belongs to tile row {row}, already finalised")
+            raise ValueError(f"tile {first} belongs to tile row {row}, already finalised")
         if row > self._row:
             missing = np.flatnonzero(~self._added[: row * grid.cols])
             if missing.size:
-                raise ValueError(f"tile {index} of row {row} arrived before tile {missing[0]}")
-            self._finalise(grid.ys[row])
+                raise ValueError(f"tile {first} of row {row} arrived before tile {missing[0]}")
+            if not self.whole:
+                self._finalise(grid.ys[row])
             self._row = row
-        y0, y1, x0, x1 = grid.box(index)
-        w = x1 - x0
-        win = None if self._scratch is None else self.asm.window_tensor(grid, index)
+        y0, y1, _, _ = grid.box(first)
+        h, w = y1 - y0, ix.col_targets.shape[1]
+        col0 = first - row * grid.cols
+        src = logits[:, :, :h, :w]
+        if ix.win_rows is None:
+            weighted, win = src.float(), None
+        else:  # np.outer(wy, wx) per tile, then the product: the numpy Stitcher's float32 steps
+            win = ix.win_rows[row, :h][None, :, None] * ix.win_cols[col0: col0 + k, None, :w]
+            weighted = src * win[:, None]
+        targets = ix.col_targets[col0: col0 + k].reshape(-1)
         for ring_row, offset, n in self._ring(y0, y1):
-            src = logits[:, offset: offset + n, :w]
-            dst = self.band[:, ring_row: ring_row + n, x0:x1]
-            weight = self.weight[ring_row: ring_row + n, x0:x1]
-            if win is None:
-                dst += src
-                weight += 1.0
-            else:
-                tmp = self._scratch[:, :n, :w]
-                self.torch.mul(src, win[offset: offset + n, :w], out=tmp)
-                dst += tmp
-                weight += win[offset: offset + n, :w]
-        self._added[index] = True
+            part = weighted[:, :, offset: offset + n].permute(1, 2, 0, 3).reshape(self.num_classes, n, k * w)
+            self.band[:, ring_row: ring_row + n].index_add_(2, targets, part)  # in tile order
+            if self.weight is not None:
+                wpart = (torch.ones((k, n, w), dtype=torch.float32, device=self.band.device) if win is None
+                         else win[:, offset: offset + n]).permute(1, 0, 2).reshape(n, k * w)
+                self.weight[ring_row: ring_row + n].index_add_(1, targets, wpart)
+        self._added[first: first + k] = True
         if self._added.all():
             self._finalise(grid.height)
 
     def labels(self) -> np.ndarray:
-        """(H, W) uint8 class ids on the host; every tile must have been added."""
+        """(H, W) uint8 class ids on the host (waits for their download); every tile must have
+        been added."""
         if not self.done:
             missing = int((~self._added).sum())
             raise ValueError(f"{missing} of {self.grid.count} tiles not added yet")
-        return self._labels
+        return self.labels_later()()
+
+    def labels_later(self) -> Callable[[], np.ndarray]:
+        """A function returning the (H, W) uint8 labels; on CUDA it waits for their download,
+        which was queued without blocking (call it from the thread that needs the labels)."""
+        downloads, self._downloads = self._downloads, []
+        if not downloads:
+            return lambda: self._labels
+        event = self.torch.cuda.Event()
+        event.record()
+
+        def wait() -> np.ndarray:
+            event.synchronize()
+            for rows, pinned in downloads:
+                self._labels[rows] = pinned.numpy()
+            return self._labels
+
+        return wait
 
     def _ring(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         band_h = self.band.shape[1]
@@ -452,8 +584,12 @@ class TorchStitcher:
             rows = slice(start + offset, start + offset + n)
             best, index = torch.max(acc, dim=0)
             labels = index.to(torch.uint8).masked_fill_(torch.isnan(best), 255)
-            with self.asm.clock("download"):
-                self._labels[rows] = labels.cpu().numpy()
+            if self.asm._cuda:  # queued, not waited for: labels_later() waits
+                pinned = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=True)
+                pinned.copy_(labels, non_blocking=True)
+                self._downloads.append((rows, pinned))
+            else:
+                self._labels[rows] = labels.numpy()
             if self.logits_out is not None:
                 mean = (acc / self.weight[ring_row: ring_row + n]).to(self._out_dtype)
                 with self.asm.clock("download"):
@@ -461,8 +597,19 @@ class TorchStitcher:
                 self.logits_out[:, rows] = mean
             if stop < self.grid.height:
                 acc.zero_()
-                self.weight[ring_row: ring_row + n].zero_()
+                if self.weight is not None:
+                    self.weight[ring_row: ring_row + n].zero_()
         self.rows_done = stop
+
+
+def torch_memory_bound(grid: TileGrid, num_classes: int, batch_size: int) -> int:
+    """Bytes a :class:`TorchAssembler` may hold on its device for one image of ``grid`` (the
+    formula of the module docstring)."""
+    H, W, C, B = grid.height, grid.width, num_classes, batch_size
+    th, tw = grid.tile_hw
+    R = H if C * H * W * 4 <= WHOLE_IMAGE_BAND_BYTES else min(th, H)
+    return (3 * H * W + (C + 1) * R * W * 4 + 14 * R * W + 2 * B * C * th * tw * 4 + 7 * B * th * tw
+            + 40 * (grid.count + grid.rows * th + grid.cols * tw) + 2 * B * 3 * th * tw * 4 + B * C * th * tw * 4)
 
 
 def make_assembler(
