@@ -33,15 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 #: onnxruntime CUDA provider options tried on the FP16 ONNX (issue 13, item 6), then a subset on fp32.
+#: (H200, 2026-11-27: algo=HEURISTIC on the FP16 ONNX made cuDNN's frontend report "No execution
+#: plans support the graph" in a loop until the step's 90 s limit; it is left out.)
 FP16_OPTION_SETS: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
-    ("algo=HEURISTIC", {"cudnn_conv_algo_search": "HEURISTIC"}),
     ("algo=DEFAULT", {"cudnn_conv_algo_search": "DEFAULT"}),
     ("max_workspace=0", {"cudnn_conv_use_max_workspace": "0"}),
     ("prefer_nhwc=1", {"prefer_nhwc": "1"}),
     ("cuda_graph=1", {"enable_cuda_graph": "1"}),
 ]
-FP32_OPTION_SETS = [FP16_OPTION_SETS[0], FP16_OPTION_SETS[1], FP16_OPTION_SETS[4], FP16_OPTION_SETS[5]]
+FP32_OPTION_SETS = [("default", {}), ("algo=HEURISTIC", {"cudnn_conv_algo_search": "HEURISTIC"}),
+                    ("prefer_nhwc=1", {"prefer_nhwc": "1"}), ("cuda_graph=1", {"enable_cuda_graph": "1"})]
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -406,6 +408,14 @@ def step_engine(ctx: Ctx, group: str) -> None:
     if not ctx.dry and not ort_cuda():
         rec["skipped"] = "onnxruntime has no CUDAExecutionProvider (is /tmp/ortsite on PYTHONPATH?)"
         return
+    if group == "ort16" and not ctx.dry:  # first: the candidate fix (the ConvTranspose's fp16 dgrad kernel)
+        def ct32() -> dict[str, Any]:
+            with OnnxRuntimeRunner(ctx.onnx("fcn.fp16-ct32.onnx"), providers=providers, max_batch=ctx.batch) as r:
+                res = {"runs": [time_engine(r, ctx, b) for b in batches]}
+                x = torch.from_numpy(_tiles(ctx.batch, r.tile_hw)).to(r.device)
+                res["kernels"] = _kernel_table(lambda: [r.infer(x) for _ in range(3)])
+                return res
+        rec.guarded("fp16 ONNX with ConvTranspose in fp32", ct32)
     option_sets = FP16_OPTION_SETS if group == "ort16" else FP32_OPTION_SETS
     if ctx.dry:
         option_sets = option_sets[:1]  # the CPU provider takes none of them
@@ -428,11 +438,6 @@ def step_engine(ctx: Ctx, group: str) -> None:
         rec.guarded(label, run)
     if ctx.dry and group == "ort16":  # the code paths below are exercised by ort32
         return
-    if group == "ort16":
-        def ct32() -> dict[str, Any]:
-            with OnnxRuntimeRunner(ctx.onnx("fcn.fp16-ct32.onnx"), providers=providers) as r:
-                return {"runs": [time_engine(r, ctx, ctx.batch)]}
-        rec.guarded("fp16 ONNX with ConvTranspose in fp32", ct32)
 
     def profiled() -> dict[str, Any]:
         prefix = str(ctx.work / f"ortprof-{group}")

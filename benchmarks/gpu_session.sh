@@ -38,9 +38,14 @@ WORK=${WORK:-$(mktemp -d /tmp/gpu-work.XXXXXX)}
 BUDGET=${BUDGET:-330}
 START=$SECONDS
 
+# STEPS: the steps to run (default all), e.g. STEPS="env artifacts images e2e" for a rerun.
+STEPS=${STEPS:-env artifacts images engine-ort16 engine-torch engine-ort32 e2e memory masks gpu-tests}
+wanted() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 # step LIMIT NAME ARGS...: run one driver step under min(LIMIT, what is left of BUDGET - 10 s).
 step() {
   local cap=$1 name=$2; shift 2
+  if ! wanted "$name"; then echo "== $name: not in STEPS"; return; fi
   local left=$((BUDGET - 10 - (SECONDS - START)))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 5 ]; then echo "== $name: skipped, budget spent"; return; fi
@@ -62,10 +67,10 @@ step 50 engine-ort32 engine ort32
 step 100 e2e e2e
 step 40 memory memory
 step 60 masks masks
-if python3 -c "import pytest" 2>/dev/null && [ "$DRY" = 0 ]; then
+if wanted gpu-tests && python3 -c "import pytest" 2>/dev/null && [ "$DRY" = 0 ]; then
   left=$((BUDGET - 10 - (SECONDS - START)))
   if [ "$left" -ge 20 ]; then
-    timeout -k 5 $((left < 60 ? left : 60)) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runners.py \
+    timeout -k 5 $((left < 60 ? left : 60)) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runners.py tests/test_assembler.py \
       >"$OUT/gpu-tests.txt" 2>&1
     echo "== gpu tests: rc $? ($(tail -n 1 "$OUT/gpu-tests.txt"))"
   fi
