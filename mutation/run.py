@@ -9,8 +9,8 @@ runs ``mutmut run`` there (one worker by default: CI-sized 2-core machines), and
 score. Survivors listed in ``mutation/equivalent.toml`` (with the reason they cannot change
 behaviour) count as equivalent, not as survivors.
 
-Usage: ``python mutation/run.py [MODULE ...] [--jobs N]`` (module as ``tiling`` or
-``fcn_deploy/tiling.py``; default: the whole scope). See docs/testing.md.
+Usage: ``python mutation/run.py [MODULE ...] [--jobs N]`` (module as ``tiling``,
+``parity.metrics`` or ``fcn_deploy/tiling.py``; default: the whole scope). See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -45,13 +45,18 @@ def load_equivalent() -> dict[str, str]:
     return {k: v for k, v in tomllib.loads(path.read_text()).get("equivalent", {}).items()}
 
 
+def short_name(module: str) -> str:
+    """``fcn_deploy/parity/metrics.py`` -> ``parity.metrics``: the work folder and CLI name."""
+    return Path(module).with_suffix("").as_posix().removeprefix("fcn_deploy/").replace("/", ".")
+
+
 def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
 def prepare(module: str, tests: list[str]) -> Path:
     """A fresh work folder for ``module``: copies of the package and tests plus a mutmut config."""
-    work = WORK / Path(module).stem
+    work = WORK / short_name(module)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -120,7 +125,7 @@ def main() -> None:
     chosen = args.modules or list(scope)
     summary = []
     for name in chosen:
-        module = next((m for m in scope if m == name or Path(m).stem == name), None)
+        module = next((m for m in scope if name in (m, short_name(m))), None)
         if module is None:
             sys.exit(f"error: {name} is not in [tool.fcn-deploy.mutation.modules] ({', '.join(scope)})")
         summary.append(run_module(module, scope[module], args.jobs, equivalent))
@@ -129,9 +134,10 @@ def main() -> None:
         print(f"{s['module']:30} {s['mutants']:7} {s['killed']:7} {s['equivalent']:11} "
               f"{len(s['survived']):9} {s['score']:5}%  {s['seconds']:4}s")
         for name in s["survived"]:
-            print(f"    survived: {name}   (mutmut show {name}, in mutants/{Path(s['module']).stem})")
+            print(f"    survived: {name}   (mutmut show {name}, in mutants/{short_name(s['module'])})")
     path = WORK / "summary.json"  # one entry per module, the latest run of each
     previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = previous if isinstance(previous, dict) else {}
     previous.update({s["module"]: s for s in summary})
     path.write_text(json.dumps(previous, indent=2) + "\n")
 

@@ -97,3 +97,19 @@ def test_check_writable(tmp_path):
         check_writable(tmp_path, force=True)
     with pytest.raises(ArtifactExistsError):  # a folder is an existing path, too
         check_writable(tmp_path, force=False)
+
+
+def test_sha256_file_reads_in_bounded_chunks(tmp_path):
+    """Hashing a multi-GB engine must not load it whole: memory stays near the 1 MiB chunk."""
+    import tracemalloc
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(12 * MIB))
+    tracemalloc.start()
+    try:
+        digest = sha256_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(bytes(12 * MIB)).hexdigest()
+    assert peak < 4 * MIB, f"peak {peak / MIB:.1f} MiB"
