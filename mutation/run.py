@@ -70,6 +70,7 @@ def prepare(module: str, tests: list[str]) -> Path:
         f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
         'process_isolation = "forkserver"\n'  # the tests import torch, which is not fork-safe
+        "timeout_multiplier = 3.0\n"  # CPU-time limit (est + 1 s) * 6: a looping mutant costs ~1 min, not 5
         "use_git_change_detection = false\n"
         "\n[tool.pytest.ini_options]\n"
         f"addopts = {json.dumps(pytest_cfg.get('addopts', ''))}\n"

@@ -163,9 +163,9 @@ def test_stitcher_rejects_misuse():
     tile = np.zeros((3, 64, 96), np.float32)
     with pytest.raises(ValueError, match="shape"):
         stitcher.add(0, np.zeros((3, 64, 95), np.float32))
-    with pytest.raises(ValueError, match="not added"):
+    with pytest.raises(ValueError, match=f"^{grid.count} of {grid.count} tiles not added yet"):
         stitcher.labels()
-    with pytest.raises(ValueError, match="arrived before"):
+    with pytest.raises(ValueError, match=f"tile {grid.cols * 2} of row 2 arrived before tile 0$"):
         stitcher.add(grid.cols * 2, tile)
     for i in range(grid.cols * 2):
         stitcher.add(i, tile)
@@ -398,12 +398,16 @@ def test_one_class_and_a_lone_tile():
     np.testing.assert_allclose(out[0], tile[0, :5, :7], rtol=1e-6)  # a lone tile: its own logits
 
 
-def test_stitcher_memory_scales_with_the_band_not_the_image():
-    """The buffers hold one tile-high band: a 10x taller image costs only its uint8 labels."""
-    short = Stitcher(plan_tiles(128, 96, (64, 96), 32), 4, "hann")
-    tall = Stitcher(plan_tiles(1280, 96, (64, 96), 32), 4, "hann")
-    assert tall.buffer_bytes - short.buffer_bytes == (1280 - 128) * 96  # the labels only
-    assert short.buffer_bytes <= 4 * 64 * 96 * 4 + 64 * 96 * 4 + 4 * 16 * 96 * 4 + 128 * 96 + 4 * 64 * 96 * 4
+@pytest.mark.parametrize("window", ["uniform", "hann"])
+def test_stitcher_memory_scales_with_the_band_not_the_image(window):
+    """Buffers: one tile-high band of float32 logits and weights (plus, for hann, a scratch of at
+    most one float32 tile) and the uint8 labels; a taller image costs only its labels."""
+    c, (th, tw), w = 4, (16, 96), 96  # th < tw: a band as high as the tile width would show
+    short = Stitcher(plan_tiles(200, w, (th, tw), 8), c, window)
+    tall = Stitcher(plan_tiles(2000, w, (th, tw), 8), c, window)
+    assert tall.buffer_bytes - short.buffer_bytes == (2000 - 200) * w  # the labels only
+    scratch = 0 if window == "uniform" else 4 * c * th * tw
+    assert short.buffer_bytes <= 4 * (c + 1) * th * w + scratch + 200 * w
 
 
 def test_pad_tile_limits():
@@ -428,3 +432,30 @@ def test_batcher_limits():
     assert batch is not None and batch.keys == ["k"] and batch.tiles.dtype == np.float16
     assert batch.tiles.shape == (1, 1, 2, 2) and (batch.tiles == 5).all()
     assert batcher.flush() is None
+
+
+def test_stitcher_names_the_one_missing_tile():
+    grid = plan_tiles(100, 100, (64, 64), 0)  # 2 x 2 tiles
+    stitcher = Stitcher(grid, 2)
+    tile = np.zeros((2, 64, 64), np.float32)
+    stitcher.add(1, tile)
+    with pytest.raises(ValueError, match="tile 2 of row 1 arrived before tile 0$"):
+        stitcher.add(2, tile)
+    stitcher.add(0, tile)
+    stitcher.add(2, tile)
+    with pytest.raises(ValueError, match="^1 of 4 tiles not added yet"):
+        stitcher.labels()
+
+
+def test_defaults_and_outputs_written_in_place():
+    w = tile_window((4, 6))  # the default window is uniform
+    assert w.dtype == np.float32 and (w == 1).all()
+    assert tile_window((4, 6), "uniform", borders=(True, False, True, False)).dtype == np.float32
+    assert axis_origins(5, 1, 0) == (0, 1, 2, 3, 4)  # 1-pixel tiles are allowed
+    image = np.arange(2 * 10 * 12, dtype=np.float32).reshape(2, 10, 12)
+    grid = plan_tiles(10, 12, (8, 8), 4)
+    buf = np.full((2, 8, 8), -1, np.float32)
+    for i in range(grid.count):
+        assert extract_tile(image, grid, i, out=buf) is buf
+        y0, y1, x0, x1 = grid.box(i)
+        np.testing.assert_array_equal(buf, image[:, y0:y1, x0:x1])
