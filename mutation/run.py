@@ -92,18 +92,21 @@ def mutant_results(work: Path) -> dict[str, str]:
     return results
 
 
-def run_module(module: str, tests: list[str], jobs: int, equivalent: dict[str, str]) -> dict:
+def run_module(module: str, tests: list[str], jobs: int, equivalent: dict[str, str],
+               only: list[str]) -> dict:
     files = [module] + [t.split("::")[0] for t in tests if not t.startswith("-")]
     missing = [p for p in files if not (ROOT / p).is_file()]
     if missing:
         sys.exit(f"error: {', '.join(missing)} named in [tool.fcn-deploy.mutation.modules] not found")
     work = prepare(module, tests)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=work)
+    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *only], cwd=work)
     seconds = time.monotonic() - start
     if proc.returncode:
         sys.exit(f"error: mutmut failed on {module} (exit {proc.returncode}); see the output above")
     results = mutant_results(work)
+    unchecked = sorted(n for n, s in results.items() if s == "not checked")  # outside --only
+    results = {n: s for n, s in results.items() if s != "not checked"}
     survivors = sorted(n for n, s in results.items() if s not in ("killed", "timeout", "segfault"))
     equiv = [n for n in survivors if n in equivalent]
     live = [n for n in survivors if n not in equivalent]
@@ -111,7 +114,7 @@ def run_module(module: str, tests: list[str], jobs: int, equivalent: dict[str, s
     scored = len(results) - len(equiv)
     return {
         "module": module, "tests": tests, "mutants": len(results), "killed": killed,
-        "equivalent": len(equiv), "survived": live,
+        "equivalent": len(equiv), "survived": live, "not_checked": len(unchecked),
         "score": round(100 * killed / scored, 1) if scored else 100.0, "seconds": round(seconds),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -121,6 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help="modules to mutate (default: the whole scope)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel mutant workers (default 1)")
+    parser.add_argument("--only", action="append", default=[], metavar="GLOB",
+                        help="mutmut mutant-name glob, e.g. 'fcn_deploy.voc.x_read_label*' (repeatable)")
     args = parser.parse_args()
     scope, equivalent = load_scope(), load_equivalent()
     chosen = args.modules or list(scope)
@@ -129,11 +134,13 @@ def main() -> None:
         module = next((m for m in scope if name in (m, short_name(m))), None)
         if module is None:
             sys.exit(f"error: {name} is not in [tool.fcn-deploy.mutation.modules] ({', '.join(scope)})")
-        summary.append(run_module(module, scope[module], args.jobs, equivalent))
+        summary.append(run_module(module, scope[module], args.jobs, equivalent, args.only))
     print("\nmodule                         mutants  killed  equivalent  survived  score   time")
     for s in summary:
         print(f"{s['module']:30} {s['mutants']:7} {s['killed']:7} {s['equivalent']:11} "
               f"{len(s['survived']):9} {s['score']:5}%  {s['seconds']:4}s")
+        if s["not_checked"]:
+            print(f"    {s['not_checked']} mutants not checked (outside --only)")
         for name in s["survived"]:
             print(f"    survived: {name}   (mutmut show {name}, in mutants/{short_name(s['module'])})")
     path = WORK / "summary.json"  # one entry per module, the latest run of each

@@ -351,11 +351,17 @@ def test_axis_origins_boundaries():
     assert axis_origins(1, 64, 0) == (0,)
     assert axis_origins(224, 64, 32) == (0, 32, 64, 96, 128, 160)  # step == tile - overlap == align
     assert axis_origins(128, 64, 0) == (0, 64)  # neighbours may touch without overlap
+    # rounding to 32 breaks the even spread of 4 tiles (a step > 128): 5 tiles, not 6
+    assert axis_origins(673, 320, 192) == (0, 96, 192, 256, 353)
     assert axis_origins(100, 64, 40) == (0, 18, 36)  # step 24 < align 32: spread to the pixel
     assert axis_origins(100, 64, 40, align=0) == (0, 18, 36)
-    for args in ((0, 64, 0), (10, 0, 0), (100, 64, 64), (100, 64, -1)):
-        with pytest.raises(ValueError):
+    assert axis_origins(102, 64, 40, align=1) == axis_origins(102, 64, 40, align=0) == (0, 19, 38)
+    for args in ((0, 64, 0), (10, 0, 0)):
+        with pytest.raises(ValueError, match=f"length and tile must be positive, got {args[0]} and {args[1]}"):
             axis_origins(*args)
+    for overlap in (64, -1):
+        with pytest.raises(ValueError, match=rf"overlap must be in \[0, 64\), got {overlap}"):
+            axis_origins(100, 64, overlap)
 
 
 def test_plan_tiles_overlap_limits_use_the_shorter_side():
@@ -363,6 +369,12 @@ def test_plan_tiles_overlap_limits_use_the_shorter_side():
     assert plan_tiles(200, 200, (64, 96), 0).count == 4 * 3
     with pytest.raises(ValueError, match=r"overlap 64 must be in \[0, 64\) for tiles 64x96"):
         plan_tiles(200, 200, (64, 96), 64)
+
+
+def test_plan_tiles_passes_align_to_both_axes():
+    grid = plan_tiles(200, 150, (64, 64), 0, align=16)
+    assert grid.ys == (0, 48, 96, 136) and grid.xs == (0, 48, 86)  # multiples of 16, last at the border
+    assert plan_tiles(200, 150, (64, 64), 0).ys == (0, 32, 96, 136)  # the default: 32
 
 
 def test_grid_index_limits():
