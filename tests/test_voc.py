@@ -158,6 +158,7 @@ def test_label_size_mismatch(small_voc):
         read_sample(sample)
     msg = str(exc.value)
     assert "synth_00000.png" in msg and "synth_00000.jpg" in msg and "10x12" in msg
+    assert msg.endswith("synth_00000.jpg is 320x480 (HxW)")  # the image's own size, height first
 
 
 def test_unreadable_jpeg(small_voc):
@@ -306,7 +307,8 @@ def test_crops_reach_every_offset_of_the_image(tmp_path):
 
 def test_exif_rotated_size_and_missing_image(tmp_path):
     img = Image.new("RGB", (40, 20))
-    for orientation, hw in ((1, (20, 40)), (3, (20, 40)), (6, (40, 20)), (8, (40, 20)), (5, (40, 20))):
+    for orientation, hw in ((1, (20, 40)), (3, (20, 40)), (5, (40, 20)), (6, (40, 20)), (7, (40, 20)),
+                            (8, (40, 20))):
         exif = Image.Exif()
         exif[0x0112] = orientation
         img.save(tmp_path / f"o{orientation}.jpg", exif=exif)
@@ -319,7 +321,8 @@ def test_label_errors_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"label .*missing\.png not found"):
         read_label(tmp_path / "missing.png")
     Image.new("I;16", (4, 4)).save(tmp_path / "deep.png")
-    with pytest.raises(DatasetError, match=r"deep\.png has unsupported PNG mode"):
+    with pytest.raises(DatasetError, match=r"deep\.png has unsupported PNG mode I;16 \(expected palette, "
+                                           r"grayscale or RGB\)$"):
         read_label(tmp_path / "deep.png")
 
 
@@ -350,3 +353,21 @@ def test_synthetic_val_split_every_fourth_image(tmp_path):
     assert len(list_split(voc, "train")) == 6
     voc = write_synthetic_voc(tmp_path / "half", num_images=4, val_fraction=0.5)
     assert [s.name for s in list_split(voc, "val")] == ["synth_00001", "synth_00003"]
+
+
+def test_synthetic_photo_shows_each_class_where_its_label_is():
+    """Image-label consistency: pixels labelled c have the class's base colour on average (the
+    texture and noise average out); background pixels do not look like any object class."""
+    from fcn_deploy.voc import synth_sample
+
+    rng = np.random.default_rng(0)
+    for index in range(7):
+        rgb, label = synth_sample(index, rng)
+        bg = rgb[label == 0].reshape(-1, 3).mean(0)
+        for c in set(np.unique(label).tolist()) - {0, IGNORE_INDEX}:
+            pixels = rgb[label == c].reshape(-1, 3).astype(np.float64)
+            if len(pixels) < 200:
+                continue
+            base = np.asarray(SYNTH_CLASSES[c][0], np.float64)
+            assert np.abs(pixels.mean(0) - base).max() < 30, (index, c)
+            assert np.abs(bg - base).max() > 30, (index, c)
