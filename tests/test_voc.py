@@ -371,3 +371,17 @@ def test_synthetic_photo_shows_each_class_where_its_label_is():
             base = np.asarray(SYNTH_CLASSES[c][0], np.float64)
             assert np.abs(pixels.mean(0) - base).max() < 30, (index, c)
             assert np.abs(bg - base).max() > 30, (index, c)
+
+
+def test_synthetic_layout_refusal_and_void_band_width(tmp_path):
+    voc = write_synthetic_voc(tmp_path, num_images=2)
+    assert voc == tmp_path / "VOCdevkit" / "VOC2012"  # the documented layout
+    for jpg in (voc / "JPEGImages").glob("*.jpg"):
+        jpg.unlink()
+    with pytest.raises(ArtifactExistsError, match="already holds a dataset"):  # split files alone
+        write_synthetic_voc(tmp_path, num_images=2)
+    label = read_label(voc / "SegmentationClass" / "synth_00000.png")
+    obj, bg = (label != 0) & (label != IGNORE_INDEX), label == 0
+    for d in (1, 2):  # the 5-px band keeps objects and background at least 3 px apart
+        assert not (obj[:, d:] & bg[:, :-d]).any() and not (obj[:, :-d] & bg[:, d:]).any()
+        assert not (obj[d:] & bg[:-d]).any() and not (obj[:-d] & bg[d:]).any()
