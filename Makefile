@@ -1,11 +1,12 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test`; `make mutate` (not CI) runs
+# mutation testing on the modules of [tool.fcn-deploy.mutation.modules] (docs/testing.md).
 # Each sets up .venv from nothing (re-installing only when pyproject.toml changes), then runs.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 EXTRAS ?= cpu,test,rtx   # cpu or gpu (one onnxruntime distribution), never both
 
-.PHONY: demo test venv clean
+.PHONY: demo test mutate venv clean
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +22,13 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# MUTATE=tiling (or several, space-separated) limits the run to those modules; JOBS=2 runs two
+# mutants at a time. Results and work folders go to mutants/.
+MUTATE ?=
+JOBS   ?= 1
+mutate: venv
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q -e '.[$(EXTRAS),mutation]'
+	$(BIN)/python mutation/run.py --jobs $(JOBS) $(MUTATE)
+
 clean:
-	rm -rf $(VENV) demo-work build *.egg-info
+	rm -rf $(VENV) demo-work build mutants *.egg-info

@@ -266,6 +266,10 @@ SYNTH_CLASSES: dict[int, tuple[tuple[int, int, int], tuple[str, float, float]]] 
 SYNTH_VOID_WIDTH = 5
 
 
+# Mutation testing skips the drawing helpers below (pragma): any change to a random range or a
+# texture gives another valid synthetic picture; the contract (sizes, classes, void bands around
+# objects, determinism) is tested on synth_sample's output. See docs/testing.md.
+# pragma: no mutate start
 def _shape_points(rng: np.random.Generator, h: int, w: int) -> list[tuple[float, float]]:
     """Vertices (x, y) of a random ellipse (as a 48-gon), rotated rectangle or star polygon."""
     cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
@@ -308,6 +312,9 @@ def _background(h: int, w: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.G
         wave = np.sin((xx * math.cos(a) + yy * math.sin(a)) * (2 * math.pi / period) + rng.uniform(0, 6.3))
         img += rng.uniform(5, 15) * wave[..., None]
     return img
+
+
+# pragma: no mutate end
 
 
 def synth_sample(index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

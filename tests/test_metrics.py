@@ -113,3 +113,64 @@ def test_module_does_not_import_torch():
     code = "import sys, fcn_deploy.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- boundaries and documented contracts (found by mutation testing, docs/testing.md) -------------
+
+def test_updates_accumulate_over_batches():
+    cm = ConfusionMatrix(2)
+    cm.update(np.array([0, 1]), np.array([0, 1]))
+    cm.update(np.array([1, 1]), np.array([0, 1]))
+    assert np.array_equal(cm.matrix, [[1, 0], [1, 2]])
+
+
+def test_target_ids_outside_the_classes_are_left_out():
+    """Negative ids and ids >= num_classes in the target count nowhere; num_classes - 1 counts."""
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([-1, -5, 3, 4, 2, 0]), np.array([0, 1, 2, 0, 2, 0]))
+    assert np.array_equal(cm.matrix, [[1, 0, 0], [0, 0, 0], [0, 0, 1]])
+
+
+def test_predicted_id_equal_to_num_classes_is_refused():
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([0, 1]), np.array([2, 2]))  # the largest valid id
+    with pytest.raises(UsageError, match=r"got 0\.\.3"):
+        cm.update(np.array([0, 1]), np.array([0, 3]))
+    with pytest.raises(UsageError, match=r"got -1\.\.1"):
+        cm.update(np.array([0, 1]), np.array([-1, 1]))
+    assert cm.matrix.sum() == 2  # a refused batch adds nothing
+
+
+def test_ignore_index_even_when_it_is_a_valid_class_id():
+    cm = ConfusionMatrix(300)  # 255 would be a class, but stays void by default
+    cm.update(np.array([255, 254]), np.array([0, 254]))
+    assert cm.matrix.sum() == 1 and cm.matrix[254, 254] == 1
+    cm = ConfusionMatrix(4, ignore_index=2)
+    cm.update(np.array([2, 3, 255]), np.array([0, 3, 1]))
+    assert cm.matrix.sum() == 1 and cm.matrix[3, 3] == 1
+
+
+def test_zero_classes_refused():
+    with pytest.raises(UsageError, match="num_classes must be positive, got 0"):
+        ConfusionMatrix(0)
+
+
+def test_tensors_that_track_gradients_are_accepted():
+    target = torch.tensor([[0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    cm = ConfusionMatrix(2)
+    cm.update(target, torch.tensor([[0, 1], [0, 1]]))
+    assert np.array_equal(cm.matrix, [[1, 0], [1, 2]])
+
+
+def test_compute_warns_nothing_for_absent_classes_or_no_pixels():
+    """Undefined metrics are NaN silently: no numpy divide or empty-mean RuntimeWarning."""
+    import warnings
+
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([0, 0]), np.array([0, 1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = cm.compute()
+        empty = ConfusionMatrix(2).compute()
+    assert m.class_acc == pytest.approx(0.5) and math.isnan(m.iou[2])
+    assert math.isnan(empty.class_acc) and math.isnan(empty.miou) and math.isnan(empty.pixel_acc)

@@ -163,9 +163,9 @@ def test_stitcher_rejects_misuse():
     tile = np.zeros((3, 64, 96), np.float32)
     with pytest.raises(ValueError, match="shape"):
         stitcher.add(0, np.zeros((3, 64, 95), np.float32))
-    with pytest.raises(ValueError, match="not added"):
+    with pytest.raises(ValueError, match=f"^{grid.count} of {grid.count} tiles not added yet"):
         stitcher.labels()
-    with pytest.raises(ValueError, match="arrived before"):
+    with pytest.raises(ValueError, match=f"tile {grid.cols * 2} of row 2 arrived before tile 0$"):
         stitcher.add(grid.cols * 2, tile)
     for i in range(grid.cols * 2):
         stitcher.add(i, tile)
@@ -237,3 +237,237 @@ def test_batcher_packs_tiles_of_several_images():
     assert batches[0].tiles.shape == (3, 1, 2, 2)
     assert [float(t[0, 0, 0]) for t in batches[1].tiles] == [1, 2, 3]
     assert batches[0].tiles is not batches[1].tiles  # fresh buffer per batch
+
+
+# --- windows, image borders and boundaries (found by mutation testing, docs/testing.md) ---------
+
+def _hann(n: int, floor: float, flat_start: bool, flat_end: bool) -> np.ndarray:
+    """The documented per-axis window, written out: floor + (1 - floor) sin^2(pi (i + 0.5) / n),
+    held at 1 from the centre to a side lying on the image border."""
+    w = np.array([floor + (1 - floor) * np.sin(np.pi * (i + 0.5) / n) ** 2 for i in range(n)])
+    if flat_start:
+        w[: n // 2] = 1
+    if flat_end:
+        w[n // 2:] = 1
+    return w
+
+
+def _reference_stitch(grid, tiles, window: str, floor: float = 0.01) -> np.ndarray:
+    """(C, H, W) weighted average of the tiles in a full-size buffer: the oracle for Stitcher."""
+    c = tiles[0].shape[0]
+    acc = np.zeros((c, grid.height, grid.width))
+    wsum = np.zeros((grid.height, grid.width))
+    for i, tile in enumerate(tiles):
+        row, col = divmod(i, grid.cols)
+        y0, y1, x0, x1 = grid.box(i)
+        if window == "uniform":
+            win = np.ones(grid.tile_hw)
+        else:
+            wy = _hann(grid.tile_hw[0], floor, row == 0, row == grid.rows - 1)
+            wx = _hann(grid.tile_hw[1], floor, col == 0, col == grid.cols - 1)
+            win = np.outer(wy, wx)
+        h, w = y1 - y0, x1 - x0
+        acc[:, y0:y1, x0:x1] += tile[:, :h, :w] * win[:h, :w]
+        wsum[y0:y1, x0:x1] += win[:h, :w]
+    return acc / wsum
+
+
+def test_hann_window_values_and_each_border_side():
+    floor = 0.05
+    th, tw = 10, 7  # odd width: the centre column is not a tile edge
+    w = tile_window((th, tw), "hann", floor)
+    np.testing.assert_allclose(w, np.outer(_hann(th, floor, False, False), _hann(tw, floor, False, False)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(w, w[::-1, ::-1], rtol=1e-6)  # symmetric without borders
+    assert w.min() == pytest.approx(_hann(th, floor, 0, 0)[0] * _hann(tw, floor, 0, 0)[0], rel=1e-6)
+    for side in range(4):  # (top, bottom, left, right): each flag flattens its own side only
+        borders = tuple(i == side for i in range(4))
+        expected = np.outer(_hann(th, floor, *borders[:2]), _hann(tw, floor, *borders[2:]))
+        np.testing.assert_allclose(tile_window((th, tw), "hann", floor, borders), expected, rtol=1e-6)
+    everywhere = tile_window((th, tw), "hann", floor, (True, True, True, True))
+    assert (everywhere == 1).all() and everywhere.dtype == np.float32  # a lone tile: plain average
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="floor"):
+            tile_window((4, 4), "hann", bad)
+    assert (tile_window((3, 3), "hann", 1.0) == 1).all()  # floor 1 is allowed: uniform weights
+
+
+@pytest.mark.parametrize("window", ["uniform", "hann"])
+@pytest.mark.parametrize("hw", [(40, 50), (64, 96), (100, 64), (150, 97), (161, 230)])
+def test_disagreeing_tiles_stitch_to_the_weighted_average(window, hw):
+    """Tiles with different logits on their overlaps (as real tiles have): the stitched logits
+    are the window-weighted average, with windows flat toward the image borders, and the labels
+    are its argmax. Catches window, border-flag, ring-buffer and padding errors."""
+    h, w = hw
+    grid = plan_tiles(h, w, (64, 64), 32)
+    rng = np.random.default_rng(h + w)
+    tiles = [rng.standard_normal((3, 64, 64)).astype(np.float32) for _ in range(grid.count)]
+    out = np.zeros((3, h, w), np.float32)
+    stitcher = Stitcher(grid, 3, window, logits_out=out)
+    for i, tile in enumerate(tiles):
+        stitcher.add(i, tile)
+    expected = _reference_stitch(grid, tiles, window)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    labels = stitcher.labels()
+    assert (labels == expected.argmax(0)).mean() > 0.999  # float32 rounding may flip near-ties
+
+
+def test_tile_rows_finalise_exactly_the_rows_above_the_next_row():
+    grid = plan_tiles(160, 64, (64, 64), 16)
+    assert grid.rows > 2 and grid.cols == 1
+    stitcher = Stitcher(grid, 2, "uniform")
+    tile = np.zeros((2, 64, 64), np.float32)
+    for i in range(grid.count):
+        stitcher.add(i, tile)
+        # a new tile row starting at y makes the rows above y final; the last tile, all rows
+        assert stitcher.rows_done == (grid.ys[i] if i + 1 < grid.count else 160)
+        assert stitcher.done == (i + 1 == grid.count)
+
+
+def test_extract_tile_at_the_image_borders():
+    """Edge tiles hold the image up to its last row/column and padding after it."""
+    image = np.arange(1, 1 + 2 * 70 * 100, dtype=np.float32).reshape(2, 70, 100)
+    grid = plan_tiles(70, 100, (64, 64), 16)
+    last = grid.count - 1
+    assert grid.box(last) == (6, 70, 36, 100)  # the last tile ends exactly at the border
+    np.testing.assert_array_equal(extract_tile(image, grid, last), image[:, 6:70, 36:100])
+    small = plan_tiles(20, 30, (32, 48), 0)
+    tile = extract_tile(image[:, :20, :30], small, 0, "constant")
+    np.testing.assert_array_equal(tile[:, :20, :30], image[:, :20, :30])
+    assert not tile[:, 20:].any() and not tile[:, :, 30:].any()
+    refl = extract_tile(image[:, :20, :30], small, 0, "reflect")
+    np.testing.assert_array_equal(refl[:, 20, :30], image[:, 18, :30])  # mirrored at row 19
+    np.testing.assert_array_equal(refl[:, :20, 30], image[:, :20, 28])
+    with pytest.raises(ValueError, match="does not match"):
+        extract_tile(image, small, 0)
+    with pytest.raises(ValueError, match="does not match"):
+        extract_tile(image[0], grid, 0)
+
+
+def test_axis_origins_boundaries():
+    assert axis_origins(64, 64, 0) == (0,)  # exactly one tile long
+    assert axis_origins(65, 64, 0) == (0, 1)  # one pixel longer: a second tile at the border
+    assert axis_origins(65, 64, 63) == (0, 1)  # the largest overlap (tile - 1) is allowed
+    assert axis_origins(1, 64, 0) == (0,)
+    assert axis_origins(224, 64, 32) == (0, 32, 64, 96, 128, 160)  # step == tile - overlap == align
+    assert axis_origins(128, 64, 0) == (0, 64)  # neighbours may touch without overlap
+    # rounding to 32 breaks the even spread of 4 tiles (a step > 128): 5 tiles, not 6
+    assert axis_origins(673, 320, 192) == (0, 96, 192, 256, 353)
+    assert axis_origins(100, 64, 40) == (0, 18, 36)  # step 24 < align 32: spread to the pixel
+    assert axis_origins(100, 64, 40, align=0) == (0, 18, 36)
+    assert axis_origins(102, 64, 40, align=1) == axis_origins(102, 64, 40, align=0) == (0, 19, 38)
+    for args in ((0, 64, 0), (10, 0, 0)):
+        with pytest.raises(ValueError, match=f"length and tile must be positive, got {args[0]} and {args[1]}"):
+            axis_origins(*args)
+    for overlap in (64, -1):
+        with pytest.raises(ValueError, match=rf"overlap must be in \[0, 64\), got {overlap}"):
+            axis_origins(100, 64, overlap)
+
+
+def test_plan_tiles_overlap_limits_use_the_shorter_side():
+    assert plan_tiles(200, 200, (64, 96), 63).ys[1] == 1  # overlap up to the shorter side - 1
+    assert plan_tiles(200, 200, (64, 96), 0).count == 4 * 3
+    with pytest.raises(ValueError, match=r"overlap 64 must be in \[0, 64\) for tiles 64x96"):
+        plan_tiles(200, 200, (64, 96), 64)
+
+
+def test_plan_tiles_passes_align_to_both_axes():
+    grid = plan_tiles(200, 150, (64, 64), 0, align=16)
+    assert grid.ys == (0, 48, 96, 136) and grid.xs == (0, 48, 86)  # multiples of 16, last at the border
+    assert plan_tiles(200, 150, (64, 64), 0).ys == (0, 32, 96, 136)  # the default: 32
+
+
+def test_grid_index_limits():
+    grid = plan_tiles(100, 100, (64, 64), 0)
+    assert grid.count == 4 and grid.origin(3) == (36, 36) and grid.origin(1) == (0, 36)
+    for bad in (-1, 4):
+        with pytest.raises(IndexError, match=r"out of range \[0, 4\)"):
+            grid.origin(bad)
+        with pytest.raises(IndexError, match=r"out of range \[0, 4\)"):
+            Stitcher(grid, 2).add(bad, np.zeros((2, 64, 64), np.float32))
+
+
+def test_stitcher_argument_limits(tmp_path):
+    grid = plan_tiles(10, 10, (8, 8), 0)
+    for n in (1, 255):
+        Stitcher(grid, n)
+    for n in (0, 256):
+        with pytest.raises(ValueError, match=r"num_classes must be in \[1, 255\]"):
+            Stitcher(grid, n)
+    with pytest.raises(ValueError, match=r"logits_out has shape \(2, 10, 9\), expected \(2, 10, 10\)"):
+        Stitcher(grid, 2, logits_out=np.zeros((2, 10, 9), np.float32))
+    with pytest.raises(ValueError, match="window must be one of"):
+        Stitcher(grid, 2, "gauss")
+
+
+def test_one_class_and_a_lone_tile():
+    grid = plan_tiles(5, 7, (8, 8), 0)
+    out = np.zeros((1, 5, 7), np.float32)
+    stitcher = Stitcher(grid, 1, "hann", logits_out=out)
+    tile = np.arange(64, dtype=np.float32).reshape(1, 8, 8)
+    stitcher.add(0, tile)
+    assert stitcher.done and (stitcher.labels() == 0).all()
+    np.testing.assert_allclose(out[0], tile[0, :5, :7], rtol=1e-6)  # a lone tile: its own logits
+
+
+@pytest.mark.parametrize("window", ["uniform", "hann"])
+def test_stitcher_memory_scales_with_the_band_not_the_image(window):
+    """Buffers: one tile-high band of float32 logits and weights (plus, for hann, a scratch of at
+    most one float32 tile) and the uint8 labels; a taller image costs only its labels."""
+    c, (th, tw), w = 4, (16, 96), 96  # th < tw: a band as high as the tile width would show
+    short = Stitcher(plan_tiles(200, w, (th, tw), 8), c, window)
+    tall = Stitcher(plan_tiles(2000, w, (th, tw), 8), c, window)
+    assert tall.buffer_bytes - short.buffer_bytes == (2000 - 200) * w  # the labels only
+    scratch = 0 if window == "uniform" else 4 * c * th * tw
+    assert short.buffer_bytes <= 4 * (c + 1) * th * w + scratch + 200 * w
+
+
+def test_pad_tile_limits():
+    crop = np.ones((1, 4, 6), np.float32)
+    np.testing.assert_array_equal(pad_tile(crop, (4, 6)), crop)  # already tile-sized
+    out = np.full((1, 5, 6), 9, np.float32)
+    assert pad_tile(crop, (5, 6), "constant", out=out) is out
+    assert (out[:, :4] == 1).all() and (out[:, 4] == 0).all()
+    for tile in ((3, 6), (4, 5)):
+        with pytest.raises(ValueError, match="larger than the tile"):
+            pad_tile(crop, tile)
+    with pytest.raises(ValueError, match="pad mode"):
+        pad_tile(crop, (5, 6), "edge")
+
+
+def test_batcher_limits():
+    with pytest.raises(ValueError, match="batch size must be >= 1, got 0"):
+        TileBatcher(0, (1, 2, 2))
+    batcher = TileBatcher(1, (1, 2, 2), np.float16)
+    batcher.slot()[...] = 5
+    batch = batcher.commit("k")
+    assert batch is not None and batch.keys == ["k"] and batch.tiles.dtype == np.float16
+    assert batch.tiles.shape == (1, 1, 2, 2) and (batch.tiles == 5).all()
+    assert batcher.flush() is None
+
+
+def test_stitcher_names_the_one_missing_tile():
+    grid = plan_tiles(100, 100, (64, 64), 0)  # 2 x 2 tiles
+    stitcher = Stitcher(grid, 2)
+    tile = np.zeros((2, 64, 64), np.float32)
+    stitcher.add(1, tile)
+    with pytest.raises(ValueError, match="tile 2 of row 1 arrived before tile 0$"):
+        stitcher.add(2, tile)
+    stitcher.add(0, tile)
+    stitcher.add(2, tile)
+    with pytest.raises(ValueError, match="^1 of 4 tiles not added yet"):
+        stitcher.labels()
+
+
+def test_defaults_and_outputs_written_in_place():
+    w = tile_window((4, 6))  # the default window is uniform
+    assert w.dtype == np.float32 and (w == 1).all()
+    assert tile_window((4, 6), "uniform", borders=(True, False, True, False)).dtype == np.float32
+    assert axis_origins(5, 1, 0) == (0, 1, 2, 3, 4)  # 1-pixel tiles are allowed
+    image = np.arange(2 * 10 * 12, dtype=np.float32).reshape(2, 10, 12)
+    grid = plan_tiles(10, 12, (8, 8), 4)
+    buf = np.full((2, 8, 8), -1, np.float32)
+    for i in range(grid.count):
+        assert extract_tile(image, grid, i, out=buf) is buf
+        y0, y1, x0, x1 = grid.box(i)
+        np.testing.assert_array_equal(buf, image[:, y0:y1, x0:x1])

@@ -11,6 +11,7 @@ from PIL import Image
 
 from fcn_deploy.errors import ArtifactExistsError, DatasetError, ImageReadError, UsageError
 from fcn_deploy.voc import (IGNORE_INDEX, SYNTH_CLASSES, SYNTH_SIZES, VOC_COLORMAP, VOID_COLOR,
+                            colormap_array,
                             VOCSample, VOCSegDataset, image_hw, list_split, read_label, read_sample,
                             resolve_voc_root, voc_palette, write_synthetic_voc)
 
@@ -157,6 +158,7 @@ def test_label_size_mismatch(small_voc):
         read_sample(sample)
     msg = str(exc.value)
     assert "synth_00000.png" in msg and "synth_00000.jpg" in msg and "10x12" in msg
+    assert msg.endswith("synth_00000.jpg is 320x480 (HxW)")  # the image's own size, height first
 
 
 def test_unreadable_jpeg(small_voc):
@@ -238,3 +240,148 @@ def test_no_image_as_large_as_the_crop(voc_root):
 
 def test_sizes_cycle_through_all_synthetic_sizes(voc_root):
     assert set(_sizes(voc_root, "trainval")) == set(SYNTH_SIZES)
+
+
+# --- contracts and boundaries (found by mutation testing, docs/testing.md) ----------------------
+
+def test_palette_classes_void_colour_and_black_rest():
+    pal = voc_palette()
+    assert len(pal) == 768
+    for i, rgb in enumerate(VOC_COLORMAP):
+        assert tuple(pal[3 * i: 3 * i + 3]) == rgb
+    assert tuple(pal[3 * 255:]) == VOID_COLOR == (224, 224, 192)  # VOC's void colour
+    assert not any(pal[3 * len(VOC_COLORMAP): 3 * 255])  # unused ids are black
+    cmap = colormap_array()
+    assert cmap.dtype == np.uint8 and cmap.shape == (21, 3) and tuple(cmap[15]) == (192, 128, 128)
+    assert colormap_array([(1, 2, 3)]).tolist() == [[1, 2, 3]]
+
+
+def test_rgb_colours_one_step_off_a_class_colour_are_void(tmp_path):
+    rgb = np.array([[VOC_COLORMAP[0], (0, 0, 1), (129, 0, 0), (128, 1, 0), VOC_COLORMAP[4]]], np.uint8)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "l.png")
+    assert read_label(tmp_path / "l.png").tolist() == [[0, 255, 255, 255, 4]]
+
+
+def test_label_ids_from_num_classes_up_become_ignore(tmp_path):
+    """Ids 0..num_classes-1 and 255 are kept; num_classes (21) itself is not a class."""
+    voc = write_synthetic_voc(tmp_path, num_images=2)
+    s = list_split(voc, "train")[0]
+    label = read_label(s.label_path)
+    label[0, :4] = (20, 21, 22, 255)
+    Image.fromarray(label, "L").save(s.label_path)
+    _, y = VOCSegDataset(voc, "train", None)[0]
+    assert y[0, :4].tolist() == [20, 255, 255, 255]
+    _, y = VOCSegDataset(voc, "train", None, num_classes=21 - 1)[0]
+    assert y[0, :4].tolist() == [255, 255, 255, 255]
+
+
+def test_image_exactly_the_crop_size_is_kept_and_cropped_whole(tmp_path):
+    voc = write_synthetic_voc(tmp_path, num_images=2)
+    h, w = image_hw(list_split(voc, "train")[0].image_path)
+    ds = VOCSegDataset(voc, "train", (h, w))
+    assert len(ds) == 1 and ds.num_filtered == 0
+    x, y = ds[0]
+    rgb, label = read_sample(ds.samples[0])
+    assert np.array_equal(y.numpy(), label)  # the only crop of that size: the whole image
+    assert x.shape == (3, h, w)
+    with pytest.raises(DatasetError, match="choose a smaller crop"):
+        VOCSegDataset(voc, "train", (h + 1, w))
+    with pytest.raises(DatasetError, match="choose a smaller crop"):
+        VOCSegDataset(voc, "train", (h, w + 1))
+
+
+def test_crops_reach_every_offset_of_the_image(tmp_path):
+    """Random crops of a 4x4 crop from a 5x6 label: top in {0, 1}, left in {0, 1, 2}, all used."""
+    voc = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((5, 6, 3), np.uint8), "RGB").save(voc / "JPEGImages" / "a.jpg")
+    label = (np.arange(5)[:, None] * 6 + np.arange(6)[None, :]).astype(np.uint8)  # id = 6 y + x
+    Image.fromarray(label, "L").save(voc / "SegmentationClass" / "a.png")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    ds = VOCSegDataset(voc, "train", (4, 4), num_classes=30)
+    torch.manual_seed(0)
+    corners = {int(ds[0][1][0, 0]) for _ in range(60)}
+    assert corners == {0, 1, 2, 6, 7, 8}
+
+
+def test_exif_rotated_size_and_missing_image(tmp_path):
+    img = Image.new("RGB", (40, 20))
+    for orientation, hw in ((1, (20, 40)), (3, (20, 40)), (5, (40, 20)), (6, (40, 20)), (7, (40, 20)),
+                            (8, (40, 20))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(tmp_path / f"o{orientation}.jpg", exif=exif)
+        assert image_hw(tmp_path / f"o{orientation}.jpg") == hw
+    with pytest.raises(ImageReadError, match="nope.jpg: no such file"):
+        image_hw(tmp_path / "nope.jpg")
+
+
+def test_label_errors_name_the_file(tmp_path):
+    with pytest.raises(DatasetError, match=r"label .*missing\.png not found"):
+        read_label(tmp_path / "missing.png")
+    Image.new("I;16", (4, 4)).save(tmp_path / "deep.png")
+    with pytest.raises(DatasetError, match=r"deep\.png has unsupported PNG mode I;16 \(expected palette, "
+                                           r"grayscale or RGB\)$"):
+        read_label(tmp_path / "deep.png")
+
+
+def test_split_file_lines_and_other_roots(small_voc):
+    split = small_voc / "ImageSets" / "Segmentation" / "train.txt"
+    names = [s.name for s in list_split(small_voc, "train")]
+    split.write_text("\n  \n" + "\n".join(f"{n}  extra" for n in names) + "\n\n")
+    assert [s.name for s in list_split(small_voc, "train")] == names  # blank lines, extra columns
+    split.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DatasetError, match=r"cannot read split file .*train\.txt"):
+        list_split(small_voc, "train")
+    parent = small_voc.parent  # VOCdevkit: holds VOC2012 directly
+    assert resolve_voc_root(parent) == small_voc
+
+
+def test_synthetic_refuses_a_folder_with_photos_only(tmp_path):
+    voc = write_synthetic_voc(tmp_path, num_images=2)
+    (voc / "ImageSets" / "Segmentation" / "train.txt").unlink()
+    with pytest.raises(ArtifactExistsError, match="already holds a dataset"):
+        write_synthetic_voc(tmp_path, num_images=2)
+    with pytest.raises(UsageError, match="val_fraction"):
+        write_synthetic_voc(tmp_path / "z", num_images=4, val_fraction=0.0)
+
+
+def test_synthetic_val_split_every_fourth_image(tmp_path):
+    voc = write_synthetic_voc(tmp_path, num_images=8, val_fraction=0.25)
+    assert [s.name for s in list_split(voc, "val")] == ["synth_00003", "synth_00007"]
+    assert len(list_split(voc, "train")) == 6
+    voc = write_synthetic_voc(tmp_path / "half", num_images=4, val_fraction=0.5)
+    assert [s.name for s in list_split(voc, "val")] == ["synth_00001", "synth_00003"]
+
+
+def test_synthetic_photo_shows_each_class_where_its_label_is():
+    """Image-label consistency: pixels labelled c have the class's base colour on average (the
+    texture and noise average out); background pixels do not look like any object class."""
+    from fcn_deploy.voc import synth_sample
+
+    rng = np.random.default_rng(0)
+    for index in range(7):
+        rgb, label = synth_sample(index, rng)
+        bg = rgb[label == 0].reshape(-1, 3).mean(0)
+        for c in set(np.unique(label).tolist()) - {0, IGNORE_INDEX}:
+            pixels = rgb[label == c].reshape(-1, 3).astype(np.float64)
+            if len(pixels) < 200:
+                continue
+            base = np.asarray(SYNTH_CLASSES[c][0], np.float64)
+            assert np.abs(pixels.mean(0) - base).max() < 30, (index, c)
+            assert np.abs(bg - base).max() > 30, (index, c)
+
+
+def test_synthetic_layout_refusal_and_void_band_width(tmp_path):
+    voc = write_synthetic_voc(tmp_path, num_images=2)
+    assert voc == tmp_path / "VOCdevkit" / "VOC2012"  # the documented layout
+    for jpg in (voc / "JPEGImages").glob("*.jpg"):
+        jpg.unlink()
+    with pytest.raises(ArtifactExistsError, match="already holds a dataset"):  # split files alone
+        write_synthetic_voc(tmp_path, num_images=2)
+    label = read_label(voc / "SegmentationClass" / "synth_00000.png")
+    obj, bg = (label != 0) & (label != IGNORE_INDEX), label == 0
+    for d in (1, 2):  # the 5-px band keeps objects and background at least 3 px apart
+        assert not (obj[:, d:] & bg[:, :-d]).any() and not (obj[:, :-d] & bg[:, d:]).any()
+        assert not (obj[d:] & bg[:-d]).any() and not (obj[:-d] & bg[d:]).any()
