@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -32,6 +33,11 @@ from fcn_deploy.tiling import (
     plan_tiles,
 )
 from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_COLORMAP
+
+#: Batches a CUDA runner may have queued on the device before :meth:`Segmenter.run_batch` waits
+#: for the oldest: the host never runs further ahead, so the batches and results that the
+#: device still holds stay bounded (the assembler no longer blocks on the device by itself).
+DEVICE_BATCHES_IN_FLIGHT = 3
 
 
 def runner_device(runner: Runner) -> str:
@@ -94,6 +100,7 @@ class Segmenter:
         #: ``stitch`` (assembler.add), the assembler's ``upload`` / ``download``, and what the
         #: caller adds (``decode``, ``tiles``, ``encode`` in the infer pipeline).
         self.clock = StageClock()
+        self._in_flight: deque = deque()  # CUDA events of the batches queued on the device
         self._bridge = False  # set in prepare(): CPU tensors to a runner that takes numpy only
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -185,6 +192,8 @@ class Segmenter:
             result = torch.from_numpy(np.ascontiguousarray(self.runner.infer(tiles.numpy(), output=output)))
         else:
             result = self.runner.infer(tiles, output=output)
+        if getattr(result, "is_cuda", False):
+            self._pace(result.device)
         self.clock.add("engine", time.perf_counter() - start)
         th, tw = self.tile_hw
         shape = tuple(result.shape)
@@ -199,6 +208,17 @@ class Segmenter:
             )
         self.tiles_run += len(tiles)
         return result
+
+    def _pace(self, device) -> None:
+        """Record the end of this batch's device work; wait for the batch
+        :data:`DEVICE_BATCHES_IN_FLIGHT` before it."""
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self._in_flight.append(event)
+        if len(self._in_flight) > DEVICE_BATCHES_IN_FLIGHT:
+            self._in_flight.popleft().synchronize()
 
     def iter_batches(self, jobs: Iterable[tuple[Any, np.ndarray, TileGrid] | ImageJob]) -> Iterator[Batch]:
         """Normalised tile batches over ``(key, rgb, grid)`` jobs or :class:`ImageJob` s; each

@@ -28,8 +28,10 @@ Memory of one image in flight, with C classes, an H x W image, tiles th x tw, a 
   ``min(th, H)``) ``+ 14 * R * W`` (argmax temporaries: maximum float32, index int64, NaN
   mask, uint8 labels) ``+ 2*B*C*th*tw*4 + 7*B*th*tw`` (one group's weighted logits and their
   reordered copy, its windows and gathered uint8 pixels) ``+ 40 * (count + rows*th +
-  cols*tw)`` (the grid's index tensors), plus ``2 * B*3*th*tw*4`` for the tile batches in flight
-  and the runner's ``B*C*th*tw*4`` output. On the host: the (H, W) uint8 label map (pinned on
+  cols*tw)`` (the grid's index tensors), plus, for the pipeline around it, ``6 * B*3*th*tw*4``
+  (tile batches queued, on the device and awaiting stitching) and ``3 * B*C*th*tw*4`` (runner
+  results not yet stitched: the Segmenter lets at most
+  :data:`~fcn_deploy.segmenter.DEVICE_BATCHES_IN_FLIGHT` batches run ahead on the device). On the host: the (H, W) uint8 label map (pinned on
   CUDA). Never (C, H, W) beyond the 32 MiB above. ``tests/test_assembler.py`` traces this for
   8000x8000 on the CPU, the GPU session on CUDA.
 * NumpyAssembler: the Stitcher's ``(C + 1) * min(th, H) * W * 4 + H*W`` plus the batches.
@@ -609,7 +611,7 @@ def torch_memory_bound(grid: TileGrid, num_classes: int, batch_size: int) -> int
     th, tw = grid.tile_hw
     R = H if C * H * W * 4 <= WHOLE_IMAGE_BAND_BYTES else min(th, H)
     return (3 * H * W + (C + 1) * R * W * 4 + 14 * R * W + 2 * B * C * th * tw * 4 + 7 * B * th * tw
-            + 40 * (grid.count + grid.rows * th + grid.cols * tw) + 2 * B * 3 * th * tw * 4 + B * C * th * tw * 4)
+            + 40 * (grid.count + grid.rows * th + grid.cols * tw) + 6 * B * 3 * th * tw * 4 + 3 * B * C * th * tw * 4)
 
 
 def make_assembler(
