@@ -60,6 +60,7 @@ from fcn_deploy.tiling.grid import (
     TileBatcher,
     TileGrid,
     pad_tile,
+    ring_pieces,
 )
 
 Output = Literal["logits", "labels"]
@@ -569,12 +570,7 @@ class TorchStitcher:
         return wait
 
     def _ring(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-        band_h = self.band.shape[1]
-        first_row = start % band_h
-        first = min(stop - start, band_h - first_row)
-        yield first_row, 0, first
-        if first < stop - start:
-            yield 0, first, stop - start - first
+        return ring_pieces(start, stop, self.band.shape[1])
 
     def _finalise(self, stop: int) -> None:
         """Argmax (first maximum; NaN -> 255) of image rows [rows_done, stop) on the device;

@@ -250,6 +250,17 @@ def argmax_classes(scores: np.ndarray) -> np.ndarray:
     return np.subtract(np.uint8(255), code, out=code)
 
 
+def ring_pieces(start: int, stop: int, band_h: int) -> Iterator[tuple[int, int, int]]:
+    """Where image rows [start, stop) live in a band of ``band_h`` rows used as a ring buffer
+    (image row y in band row y % band_h): at most two (band row, offset from ``start``, row
+    count) pieces. Shared by the numpy and the torch stitchers."""
+    first_row = start % band_h
+    first = min(stop - start, band_h - first_row)
+    yield first_row, 0, first
+    if first < stop - start:
+        yield 0, first, stop - start - first
+
+
 class Stitcher:
     """Weighted average of overlapping tile logits, then argmax, in a bounded row band.
 
@@ -367,14 +378,7 @@ class Stitcher:
         return self._labels
 
     def _ring(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-        """Where image rows [start, stop) live in the band, a ring buffer (image row y in band
-        row y % band_h): at most two (band row, offset from ``start``, row count) pieces."""
-        band_h = self.band.shape[1]
-        first_row = start % band_h
-        first = min(stop - start, band_h - first_row)
-        yield first_row, 0, first
-        if first < stop - start:
-            yield 0, first, stop - start - first
+        return ring_pieces(start, stop, self.band.shape[1])
 
     def _finalise(self, stop: int) -> None:
         """Make image rows [rows_done, stop) final and free their band rows."""
