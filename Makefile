@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= cpu,test,rtx   # cpu or gpu (one onnxruntime distribution), never both
+EXTRAS ?= cpu,test,rtx,ray   # cpu or gpu (one onnxruntime distribution), never both; ray: infer/evaluate --ray
 
 .PHONY: demo test venv clean
 
