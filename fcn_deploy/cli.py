@@ -210,7 +210,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
     from fcn_deploy.infer import run_inference
     from fcn_deploy.runners import create_runner
 
-    set_max_pixels(max_pixels)  # with --ray: this process only (workers use the default limit)
+    set_max_pixels(max_pixels)
     if ray_address is not None:
         from fcn_deploy.distributed import run_inference_ray
 
@@ -218,7 +218,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
             paths, output, address=ray_address, ray_workers=ray_workers, gpus_per_worker=ray_gpus_per_worker,
             cpus_per_worker=ray_cpus_per_worker, backend=backend, model=model, device=device, batch_size=batch_size,
             overlap=overlap, window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing,
-            workers=workers)
+            workers=workers, max_pixels=max_pixels)
         summary = result.summary
         click.echo(f"ray: {result.workers} workers ({result.gpus_per_worker:g} GPUs each), started in "
                    f"{result.startup_seconds:.2f} s; manifest {result.manifest}", err=True)

@@ -10,7 +10,7 @@ must be on a filesystem every node sees under identical paths — and runs
 included). It returns one manifest row per image; the driver streams them into a progress bar,
 prints the usual summary and writes ``manifest.jsonl`` beside the outputs.
 
-Faults (see docs/architecture.md): a per-image error (a corrupt file) is a returned row with
+Faults: a per-image error (a corrupt file) is a returned row with
 status ``failed``, never an exception, so it is not retried. A worker process that dies (killed,
 out of memory) is restarted by Ray (``max_restarts``) and the batch it held is run again
 (``max_task_retries``); its images' masks are then written again to the same paths, each
@@ -158,6 +158,20 @@ def _map_workers(ray, rows: list[dict[str, Any]], worker: type, config: dict[str
                               max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
 
 
+def _check_resources(ray, workers: int, cpus: float, gpus: float) -> None:
+    """A pool the cluster can never hold is a one-line error, not a run that waits forever."""
+    total = ray.cluster_resources()
+    for name, need, option in (("CPU", cpus, "--ray-cpus-per-worker"), ("GPU", gpus, "--ray-gpus-per-worker")):
+        have = float(total.get(name, 0.0))
+        if need > have:
+            raise UsageError(f"{option} {need:g}: the Ray cluster has {have:g} {name}s in all"
+                             + (" (pass --ray-gpus-per-worker 0 or --device cpu for a CPU run)" if name == "GPU" else ""))
+    if workers * gpus > float(total.get("GPU", 0.0)) or workers * cpus > float(total.get("CPU", 0.0)):
+        import warnings
+
+        warnings.warn(f"--ray-workers {workers}: the cluster holds fewer at once; the rest wait", stacklevel=3)
+
+
 def _stream_rows(ds) -> Iterator[dict[str, Any]]:
     """The rows of ``ds`` as they are produced; a failure of the run (not of the caller's loop
     body) becomes our one-line error (:func:`_ray_failure`)."""
@@ -187,22 +201,25 @@ class _InferWorker:
     """A Ray actor: one activated runner + Segmenter; ``__call__`` segments a batch of rows.
 
     Rows in: ``input`` (absolute path), ``stem`` (output stem). Rows out: :data:`MANIFEST_FIELDS`
-    plus ``pid``.
+    plus ``pid`` and ``ready`` (epoch seconds when its model was loaded), seen by ``on_row`` only.
     """
 
     CONFIG: dict[str, Any] = {}  # set on the subclass :func:`_map_workers` makes
 
     def __init__(self) -> None:
+        from fcn_deploy.images import set_max_pixels
         from fcn_deploy.runners import create_runner
         from fcn_deploy.segmenter import Segmenter, runner_device
 
         self.config = config = self.CONFIG
+        set_max_pixels(config["max_pixels"])
         runner = create_runner(config["backend"], config["model"], device=config["device"],
                                precision=config["precision"], **config["runner_options"])
         self.seg = Segmenter(runner, batch_size=config["batch_size"], overlap=config["overlap"],
                              window=config["window"], assembler=config["assembler"])
         self.seg.prepare()
         self.device = runner_device(runner)
+        self.ready = time.time()  # model loaded: the pool's start-up ends (benchmarks/ray_cpu.py)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from fcn_deploy.infer import InferSummary, segment_items
@@ -219,6 +236,7 @@ class _InferWorker:
         rows["worker"] = [_worker_id()] * len(records)
         rows["device"] = [self.device] * len(records)
         rows["pid"] = [os.getpid()] * len(records)
+        rows["ready"] = [self.ready] * len(records)
         return rows
 
 
@@ -259,6 +277,7 @@ def run_inference_ray(
     progress: bool = True,
     num_cpus: int | None = None,
     runner_options: dict[str, Any] | None = None,
+    max_pixels: int | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     slow_s: float = 0.0,
 ) -> RayInferResult:
@@ -271,7 +290,8 @@ def run_inference_ray(
     ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (default: 1 when ``device`` resolves
     to CUDA on the driver, else 0; fractions share a GPU); ``workers`` are each actor's decode
     and encode threads; ``runner_options`` go to :func:`~fcn_deploy.runners.create_runner`
-    (e.g. ``tile_hw``, ``threads``). ``num_cpus`` sizes a local cluster this call starts. ``on_row`` is called
+    (e.g. ``tile_hw``, ``threads``); ``max_pixels`` is the workers' image size limit
+    (:func:`~fcn_deploy.images.set_max_pixels`). ``num_cpus`` sizes a local cluster this call starts. ``on_row`` is called
     with each row as it arrives and ``slow_s`` delays each image in the workers (both for tests).
     A cluster this call started is shut down at the end.
     """
@@ -299,7 +319,7 @@ def run_inference_ray(
               "batch_size": batch_size, "overlap": DEFAULT_OVERLAP if overlap is None else overlap,
               "window": window or DEFAULT_WINDOW, "assembler": assembler, "output": str(out),
               "overlay": overlay, "save_logits": save_logits, "workers": workers or max(1, int(cpus_per_worker)),
-              "slow_s": slow_s, "runner_options": dict(runner_options or {})}
+              "slow_s": slow_s, "runner_options": dict(runner_options or {}), "max_pixels": max_pixels}
     mask = lambda item: str(output_path(out, item.rel_stem, MASK_SUFFIX))  # noqa: E731
     rows: dict[str, dict[str, Any]] = {}
     for path, message in summary.failed:
@@ -312,6 +332,7 @@ def run_inference_ray(
     start = time.perf_counter()
     workers_seen: set[str] = set()
     try:
+        _check_resources(ray, ray_workers, cpus_per_worker, gpus)
         if items:
             out.mkdir(parents=True, exist_ok=True)
             ds = _map_workers(ray, [{"input": str(i.path), "stem": str(i.rel_stem)} for i in items], _InferWorker,
@@ -324,7 +345,7 @@ def run_inference_ray(
                     row["error"] = row["error"] or None
                     if on_row is not None:
                         on_row(row)
-                    row.pop("pid", None)
+                    row.pop("pid", None), row.pop("ready", None)  # for on_row only
                     workers_seen.add(row["worker"])
                     if row["input"] not in rows:
                         bar.update(1)
@@ -441,6 +462,7 @@ def evaluate_ray(
     totals = {"tiles": 0, "outside": 0, "inference_seconds": 0.0, "images": 0}
     classes: list[str] = []
     try:
+        _check_resources(ray, ray_workers, cpus_per_worker, gpus)
         items = [{"index": i, "name": s.name, "image": str(Path(s.image_path).resolve()),
                   "label": str(Path(s.label_path).resolve())} for i, s in enumerate(samples)]
         ds = _map_workers(ray, items, _EvaluateWorker, config, workers=ray_workers, cpus=cpus_per_worker,

@@ -69,8 +69,10 @@ def test_ray_masks_equal_single_process_and_a_corrupt_file_is_reported_once(ray_
     names = _photos(photos, 7)
     (photos / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     runner = TorchRunner(checkpoint_path, tile_hw=SMALL)
-    single = run_inference([photos], tmp_path / "single", runner=runner, overlap=OVERLAP, progress=False)
-    result = _ray_infer([photos], tmp_path / "ray", checkpoint_path)
+    # one tile per call on both sides: see test_evaluate_ray_equals_single_process
+    single = run_inference([photos], tmp_path / "single", runner=runner, overlap=OVERLAP, batch_size=1,
+                           progress=False)
+    result = _ray_infer([photos], tmp_path / "ray", checkpoint_path, batch_size=1)
     summary = result.summary
     assert (summary.images, summary.skipped, summary.tiles) == (single.images, 0, single.tiles) == (7, 0, single.tiles)
     assert _masks(tmp_path / "ray") == _masks(tmp_path / "single") == names
@@ -150,12 +152,15 @@ def test_evaluate_ray_equals_single_process(ray_cluster, checkpoint_path, voc_ro
     from fcn_deploy.evaluate import evaluate_runner
     from fcn_deploy.voc import list_split
 
-    samples = list_split(voc_root, "val")[:6]
-    assert len(samples) >= 4
-    with TorchRunner(checkpoint_path, tile_hw=SMALL) as runner:
-        single, _ = evaluate_runner(runner, samples, overlap=OVERLAP)
+    samples = (list_split(voc_root, "val") + list_split(voc_root, "train"))[:4]
+    assert len(samples) == 4
+    tile = (160, 224)  # VOC-sized photos: a few tiles each
+    # one tile per call: a tile's logits then cannot depend on which tiles share its batch (they
+    # may, by float rounding, in the last bit, as between single-process runs of other --batch-size)
+    with TorchRunner(checkpoint_path, tile_hw=tile) as runner:
+        single, _ = evaluate_runner(runner, samples, overlap=OVERLAP, batch_size=1)
     result, info = evaluate_ray(samples, backend="torch", model=checkpoint_path, device="cpu", overlap=OVERLAP,
-                                ray_workers=2, images_per_batch=2, runner_options={"tile_hw": SMALL})
+                                batch_size=1, ray_workers=2, images_per_batch=2, runner_options={"tile_hw": tile})
     assert result["confusion_matrix"] == single["confusion_matrix"]
     for key in ("images", "tiles", "pixels", "pixel_acc", "class_acc", "miou", "iou", "label_pixels_outside_classes"):
         assert result[key] == single[key], key
@@ -193,3 +198,20 @@ def test_without_ray_the_package_works_and_ray_is_a_one_line_error(checkpoint_pa
     assert ray.returncode == 2, ray.stdout + ray.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and "fcn-deploy[ray]" in lines[0]
     assert not (tmp_path / "ray").exists()
+
+
+def test_cli_infer_ray_and_a_pool_the_cluster_cannot_hold(ray_cluster, checkpoint_path, tmp_path):
+    from fcn_deploy.cli import cli
+
+    photo = tmp_path / "a.png"
+    Image.fromarray(_photo(40, 60, 0)).save(photo)
+    base = ["infer", str(photo), "--backend", "torch", "--model", str(checkpoint_path), "--device", "cpu"]
+    gpus = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "gpu"), "--ray-gpus-per-worker", "1", "--ray"])
+    assert gpus.exit_code == 2
+    assert gpus.output.startswith("error: --ray-gpus-per-worker 1: the Ray cluster has 0 GPUs")
+    assert not (tmp_path / "gpu").exists()
+    ok = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "out"), "--ray"])
+    assert ok.exit_code == 0, ok.output
+    assert "1 images segmented, 0 failed, 0 skipped" in ok.output
+    assert (tmp_path / "out" / "a.png").is_file()
+    assert [r["status"] for r in _manifest(tmp_path / "out")] == ["ok"]
