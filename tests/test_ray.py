@@ -95,7 +95,7 @@ def test_ray_masks_equal_single_process_and_a_corrupt_file_is_reported_once(ray_
 
 def test_a_killed_worker_is_replaced_and_every_image_masked_once(ray_cluster, checkpoint_path, tmp_path):
     photos = tmp_path / "in"
-    names = _photos(photos, 16, hw=(30, 40))
+    names = _photos(photos, 12, hw=(30, 40))
     killed: list[int] = []
 
     def kill_first_worker(row):
@@ -106,20 +106,21 @@ def test_a_killed_worker_is_replaced_and_every_image_masked_once(ray_cluster, ch
     result = _ray_infer([photos], tmp_path / "out", checkpoint_path, images_per_batch=2, slow_s=0.15,
                         on_row=kill_first_worker)
     assert killed
-    assert result.summary.images == 16 and not result.summary.failed
+    assert result.summary.images == 12 and not result.summary.failed
     assert _masks(tmp_path / "out") == names  # every image has its mask, once
     rows = _manifest(tmp_path / "out")
-    assert len(rows) == 16 and len({r["input"] for r in rows}) == 16
+    assert len(rows) == 12 and len({r["input"] for r in rows}) == 12
     assert all(r["status"] == "ok" for r in rows)
     pids = {int(r["worker"].rsplit(":", 1)[1]) for r in rows}
-    assert pids - set(killed), "the other worker (or the replacement) finished the run"
+    # the killed actor held a batch (Ray Data queues batches per actor): its replacement redid it
+    assert len(pids - set(killed)) == 2, f"no replacement of worker {killed[0]}: {sorted(pids)}"
     with pytest.raises(ProcessLookupError):
         os.kill(killed[0], 0)  # it really died
 
 
 def test_skip_existing_after_an_interrupted_driver_redoes_nothing_finished(ray_cluster, checkpoint_path, tmp_path):
     photos = tmp_path / "in"
-    names = _photos(photos, 12, hw=(30, 40))
+    names = _photos(photos, 8, hw=(30, 40))
     out = tmp_path / "out"
     seen: list[str] = []
 
@@ -134,17 +135,17 @@ def test_skip_existing_after_an_interrupted_driver_redoes_nothing_finished(ray_c
     with pytest.raises(DriverDied):
         _ray_infer([photos], out, checkpoint_path, images_per_batch=1, slow_s=0.1, on_row=die_after_three)
     finished = {name: (out / name).stat().st_mtime_ns for name in _masks(out)}
-    assert 3 <= len(finished) < 12
+    assert 3 <= len(finished) < 8
     result = _ray_infer([photos], out, checkpoint_path, skip_existing=True)
     assert result.summary.skipped == len(finished)
-    assert result.summary.images == 12 - len(finished) and not result.summary.failed
+    assert result.summary.images == 8 - len(finished) and not result.summary.failed
     assert _masks(out) == names
     for name, mtime in finished.items():
         assert (out / name).stat().st_mtime_ns == mtime, f"{name} was redone"
     rows = _manifest(out)
-    assert len(rows) == 12
+    assert len(rows) == 8
     assert sum(r["status"] == "skipped" for r in rows) == len(finished)
-    assert sum(r["status"] == "ok" for r in rows) == 12 - len(finished)
+    assert sum(r["status"] == "ok" for r in rows) == 8 - len(finished)
 
 
 def test_evaluate_ray_equals_single_process(ray_cluster, checkpoint_path, voc_root):
