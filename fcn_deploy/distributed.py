@@ -291,8 +291,9 @@ def run_inference_ray(
     to CUDA on the driver, else 0; fractions share a GPU); ``workers`` are each actor's decode
     and encode threads; ``runner_options`` go to :func:`~fcn_deploy.runners.create_runner`
     (e.g. ``tile_hw``, ``threads``); ``max_pixels`` is the workers' image size limit
-    (:func:`~fcn_deploy.images.set_max_pixels`). ``num_cpus`` sizes a local cluster this call starts. ``on_row`` is called
-    with each row as it arrives and ``slow_s`` delays each image in the workers (both for tests).
+    (:func:`~fcn_deploy.images.set_max_pixels`). ``num_cpus`` sizes a local cluster this call
+    starts. ``on_row`` is called with each row as it arrives and ``slow_s`` delays each image in
+    the workers (both for tests and benchmarks).
     A cluster this call started is shut down at the end.
     """
     from tqdm import tqdm
