@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= cpu,test,rtx   # cpu or gpu (one onnxruntime distribution), never both
+# cpu or gpu (one onnxruntime distribution), never both; ray: infer/evaluate --ray
+EXTRAS ?= cpu,test,rtx,ray
 
 .PHONY: demo test mutate venv clean
 

@@ -169,7 +169,24 @@ def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batc
     click.echo(report.summary())
 
 
-# --- inference (fcn_deploy.infer) ---------------------------------------------------------
+# --- inference (fcn_deploy.infer; --ray: fcn_deploy.distributed) ------------------------------
+def _ray_options(command):
+    """``--ray [ADDRESS]``, ``--ray-workers``, ``--ray-gpus-per-worker``, ``--ray-cpus-per-worker``."""
+    for option in reversed([
+        click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+                     help="Run on a Ray cluster: no ADDRESS (RAY_ADDRESS, a running local cluster or a new one), "
+                          "local, auto or ray://host:port. Needs the 'ray' extra."),
+        click.option("--ray-workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="With --ray: actors, each holding one model."),
+        click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0), help="With --ray: GPUs per actor, "
+                     "fractions allowed (default: 1 when the device resolves to CUDA, else 0)."),
+        click.option("--ray-cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True, help="With --ray: CPUs per actor."),
+    ]):
+        command = option(command)
+    return command
+
+
 # [cli:infer]
 @cli.command("infer")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
@@ -185,18 +202,31 @@ def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batc
 @click.option("--skip-existing", is_flag=True, help="Skip images whose mask exists (resume a run).")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode/encode threads (default: the CPU cores).")
 @click.option("--max-pixels", type=click.IntRange(min=1), help="Refuse images of more pixels (default: fcn_deploy.images.DEFAULT_MAX_PIXELS, 2**27 = 134 MP).")
-def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, workers, max_pixels) -> None:
+@_ray_options
+def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, workers, max_pixels,
+              ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker) -> None:
     """Segment images of any size (files or folders, recursively) into palette PNG masks."""
     from fcn_deploy.images import set_max_pixels
     from fcn_deploy.infer import run_inference
     from fcn_deploy.runners import create_runner
 
     set_max_pixels(max_pixels)
+    if ray_address is not None:
+        from fcn_deploy.distributed import run_inference_ray
 
-    summary = run_inference(
-        paths, output, runner=create_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,
-        window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing, workers=workers,
-    )
+        result = run_inference_ray(
+            paths, output, address=ray_address, ray_workers=ray_workers, gpus_per_worker=ray_gpus_per_worker,
+            cpus_per_worker=ray_cpus_per_worker, backend=backend, model=model, device=device, batch_size=batch_size,
+            overlap=overlap, window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing,
+            workers=workers, max_pixels=max_pixels)
+        summary = result.summary
+        click.echo(f"ray: {result.workers} workers ({result.gpus_per_worker:g} GPUs each), started in "
+                   f"{result.startup_seconds:.2f} s; manifest {result.manifest}", err=True)
+    else:
+        summary = run_inference(
+            paths, output, runner=create_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,
+            window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing, workers=workers,
+        )
     for _, message in summary.failed:
         click.echo(f"failed: {message}", err=True)
     click.echo(summary.format())
@@ -242,13 +272,16 @@ def check_cmd(backends, model, export_dir, engines_dir, images, voc_root, synthe
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Write a prediction grid PNG (photo / prediction / label).")
 @click.option("--force", is_flag=True, help="Overwrite --report and --grid.")
-def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, max_images, report, grid, force) -> None:
+@_ray_options
+def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, max_images, report, grid, force,
+                 ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker) -> None:
     """Pixel accuracy, class accuracy, per-class IoU and mIoU of whole images (tiled inference)."""
     from fcn_deploy.evaluate import evaluate
 
     evaluate(voc_root, split=split, backend=backend, model=model, device=device, batch_size=batch_size,
              overlap=overlap, report=report, grid=grid, max_images=max_images, force=force, echo=click.echo,
-             progress=True)
+             progress=True, ray=ray_address, ray_options={"ray_workers": ray_workers, "gpus_per_worker": ray_gpus_per_worker,
+                                                          "cpus_per_worker": ray_cpus_per_worker})
 
 
 @cli.command("bench")

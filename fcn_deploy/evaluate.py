@@ -66,12 +66,21 @@ def evaluate_runner(
             if len(kept) < grid_columns:
                 kept.append((rgb, pred, label))
             bar.update()
-    seconds = time.perf_counter() - start
+    return result_from_confusion(cm, classes, images=len(samples), tiles=segmenter.tiles_run,
+                                 seconds=time.perf_counter() - start,
+                                 inference_seconds=runner.total_inference_time - inference_before,
+                                 outside=outside), kept
+
+
+def result_from_confusion(cm, classes: Sequence[str], *, images: int, tiles: int, seconds: float,
+                          inference_seconds: float, outside: int) -> dict[str, Any]:
+    """The result dict of :func:`evaluate_runner` from a filled
+    :class:`~fcn_deploy.metrics.ConfusionMatrix` (also what ``evaluate --ray`` sums into)."""
     m = cm.compute()
     pct = lambda v: None if math.isnan(v) else 100.0 * v  # noqa: E731
     return {
-        "images": len(samples),
-        "tiles": segmenter.tiles_run,
+        "images": images,
+        "tiles": tiles,
         "pixels": int(cm.matrix.sum()),
         "pixel_acc": pct(m.pixel_acc),
         "class_acc": pct(m.class_acc),
@@ -79,10 +88,10 @@ def evaluate_runner(
         "iou": {name: pct(v) for name, v in zip(classes, m.iou)},
         "confusion_matrix": cm.matrix.tolist(),
         "seconds": seconds,
-        "images_per_s": len(samples) / seconds if seconds > 0 else None,
-        "inference_seconds": runner.total_inference_time - inference_before,
+        "images_per_s": images / seconds if seconds > 0 else None,
+        "inference_seconds": inference_seconds,
         "label_pixels_outside_classes": outside,
-    }, kept
+    }
 
 
 def _predictions(segmenter, samples: Sequence, num_classes: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -138,6 +147,8 @@ def evaluate(
     force: bool = False,
     echo: Callable[[str], None] | None = None,
     progress: bool = False,
+    ray: str | None = None,
+    ray_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``backend`` (artifact ``model`` or the default chain) on ``split`` of ``voc_root``.
 
@@ -145,6 +156,10 @@ def evaluate(
     ``backend``, ``precision``, ``device``, ``fcn_deploy_version``) to ``report`` as JSON and a
     prediction grid PNG (rows photo / prediction / ground truth, first :data:`GRID_COLUMNS`
     images) to ``grid``; both atomically, refusing to overwrite without ``force``.
+
+    ``ray`` (an address, or ``""`` for the default cluster): the images are scored on a Ray
+    cluster by :func:`fcn_deploy.distributed.evaluate_ray` (``ray_options``: its ``ray_workers``,
+    ``gpus_per_worker``, ...), same result; ``grid`` is not available there.
     """
     from fcn_deploy import __version__
     from fcn_deploy.report import prediction_grid, save_png
@@ -158,12 +173,23 @@ def evaluate(
     report = None if report is None else check_output_file(report, force, "--report")
     grid = None if grid is None else check_output_file(grid, force, "--grid")
     samples = list_split(voc_root, split)[:max_images]
-    runner = create_runner(backend, model, device=device, export_dir=export_dir, engines_dir=engines_dir)
-    with runner:
-        result, kept = evaluate_runner(runner, samples, batch_size=batch_size, overlap=overlap,
-                                       progress=progress)
-        meta = dict(runner.meta)
-        device = runner.device
+    if ray is not None:
+        from fcn_deploy.distributed import evaluate_ray, import_ray
+
+        if grid is not None:
+            raise UsageError("--grid is not available with --ray (run evaluate without --ray for the grid)")
+        import_ray()
+        result, info = evaluate_ray(samples, address=ray or None, backend=backend, model=model, device=device,
+                                    batch_size=batch_size, overlap=overlap, progress=progress,
+                                    export_dir=export_dir, engines_dir=engines_dir, **(ray_options or {}))
+        meta, device = {"precision": info["precision"]}, info["device"]
+    else:
+        runner = create_runner(backend, model, device=device, export_dir=export_dir, engines_dir=engines_dir)
+        with runner:
+            result, kept = evaluate_runner(runner, samples, batch_size=batch_size, overlap=overlap,
+                                           progress=progress)
+            meta = dict(runner.meta)
+            device = runner.device
     result = {"fcn_deploy_version": __version__, "voc_root": str(voc_root), "split": split,
               "backend": backend, "model": None if model is None else str(model),
               "precision": meta.get("precision"), "device": device, **result}

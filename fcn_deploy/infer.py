@@ -86,6 +86,23 @@ class InferSummary:
         )
 
 
+@dataclass
+class ImageRecord:
+    """The outcome of one image (a row of the ``--ray`` manifest, see :mod:`fcn_deploy.distributed`).
+
+    ``status`` is ``ok``, ``failed`` (``error`` says why, naming the file) or ``skipped``;
+    ``output`` is the mask path; ``tiles`` the tiles run for it; ``seconds`` from its decode
+    to its mask written (images overlap in the pipeline, so these do not add up to the run).
+    """
+
+    input: str
+    output: str
+    status: str
+    error: str | None = None
+    tiles: int = 0
+    seconds: float = 0.0
+
+
 _DONE = object()
 
 
@@ -157,26 +174,74 @@ def run_inference(
     start = time.perf_counter()
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be >= 1, not {workers}")
-    workers = workers or _cores()
+    items, out, summary, _ = plan_inputs(paths, output_dir, overlay=overlay, save_logits=save_logits,
+                                         skip_existing=skip_existing)
+    seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window, assembler=assembler)
+    with seg:
+        segment_items(seg, items, out, summary, overlay=overlay, save_logits=save_logits, workers=workers,
+                      progress=progress)
+    summary.tiles = seg.tiles_run
+    summary.stages = {k: round(v, 4) for k, v in seg.clock.seconds.items()}
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def plan_inputs(
+    paths: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    overlay: bool = False,
+    save_logits: bool = False,
+    skip_existing: bool = False,
+) -> tuple[list[InputImage], Path, InferSummary, list[InputImage]]:
+    """The images :func:`run_inference` segments, before any model loads.
+
+    Inputs are listed by :func:`~fcn_deploy.inputs.collect_inputs`, those whose outputs would
+    replace an input are refused, and with ``skip_existing`` the images whose mask exists are
+    left out (stale temporaries of a killed run are removed first). Returns (images to do, the
+    output folder (not created yet), a summary holding the failures and the skipped count,
+    the skipped images).
+    """
     items, failed = collect_inputs(paths, exclude=output_dir)
     out = check_output_dir(output_dir, create=False)  # created once the runner is ready
     suffixes = [MASK_SUFFIX] + [OVERLAY_SUFFIX] * overlay + [LOGITS_SUFFIX] * save_logits
     items, clashes = refuse_overwriting_inputs(items, out, suffixes)
     summary = InferSummary(failed=failed + clashes)
+    skipped: list[InputImage] = []
     if skip_existing:
         if out.is_dir():
             remove_stale_temps(out, (MASK_SUFFIX, OVERLAY_SUFFIX, LOGITS_SUFFIX))
         todo = [i for i in items if not output_path(out, i.rel_stem, MASK_SUFFIX).exists()]
+        skipped = [i for i in items if output_path(out, i.rel_stem, MASK_SUFFIX).exists()]
         summary.skipped = len(items) - len(todo)
         items = todo
-    seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window, assembler=assembler)
-    with seg:
-        check_output_dir(out)
-        _Pipeline(seg, out, summary, overlay, save_logits, workers, progress).run(items)
-    summary.tiles = seg.tiles_run
-    summary.stages = {k: round(v, 4) for k, v in seg.clock.seconds.items()}
-    summary.seconds = time.perf_counter() - start
-    return summary
+    return items, out, summary, skipped
+
+
+def segment_items(
+    seg: Segmenter,
+    items: list[InputImage],
+    out: Path,
+    summary: InferSummary,
+    *,
+    overlay: bool = False,
+    save_logits: bool = False,
+    workers: int | None = None,
+    progress: bool = False,
+) -> list[ImageRecord]:
+    """Segment ``items`` with the active ``seg`` and write their outputs under ``out`` (created).
+
+    The per-image path of :func:`run_inference` (also run by each ``--ray`` worker): counts go
+    into ``summary`` (``images``, ``failed``); returns one :class:`ImageRecord` per image, in
+    the order the images finished. Unreadable images and unwritable outputs are records with
+    status ``failed``; a runner error or a full disk raises.
+    """
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be >= 1, not {workers}")
+    check_output_dir(out)
+    pipeline = _Pipeline(seg, out, summary, overlay, save_logits, workers or _cores(), progress)
+    pipeline.run(items)
+    return pipeline.records
 
 
 def _cores() -> int:
@@ -200,6 +265,8 @@ class _Pipeline:
         self.open_jobs: list[ImageJob] = []
         self.clock = seg.clock
         self.full_disk: DiskFullError | None = None  # set at the first full-disk error: the run stops
+        self.records: list[ImageRecord] = []
+        self.started: dict[Path, float] = {}  # input path -> when its decode was queued
 
     def run(self, items: list[InputImage]) -> None:
         from tqdm import tqdm
@@ -231,9 +298,16 @@ class _Pipeline:
                 self._close_logits(job, failed=True)
             self.bar.close()
 
-    def _record_failure(self, path: Path, message: str) -> None:
+    def _record(self, item: InputImage, error: str | None, tiles: int = 0) -> None:
+        """(lock held) One :class:`ImageRecord`: ``error`` None means its outputs are written."""
+        seconds = time.perf_counter() - self.started.pop(item.path, time.perf_counter())
+        self.records.append(ImageRecord(str(item.path), str(output_path(self.out, item.rel_stem, MASK_SUFFIX)),
+                                        "ok" if error is None else "failed", error, tiles, round(seconds, 4)))
+
+    def _record_failure(self, item: InputImage, message: str) -> None:
         with self.lock:
-            self.summary.failed.append((str(path), message))
+            self.summary.failed.append((str(item.path), message))
+            self._record(item, message)
             self.bar.update(1)
 
     def _decode(self, path: Path) -> np.ndarray:
@@ -253,6 +327,7 @@ class _Pipeline:
                     item = next(todo, None)
                     if item is None:
                         break
+                    self.started[item.path] = time.perf_counter()
                     decoded.append((item, pool.submit(self._decode, item.path)))
                 if not decoded:
                     return
@@ -261,7 +336,7 @@ class _Pipeline:
                 try:
                     rgb = future.result()
                 except ImageReadError as exc:
-                    self._record_failure(item.path, str(exc))
+                    self._record_failure(item, str(exc))
                     continue
                 finally:
                     waited[0] += time.perf_counter() - start
@@ -272,7 +347,7 @@ class _Pipeline:
                     except OutputWriteError as exc:
                         if isinstance(exc, DiskFullError):
                             raise  # nothing more fits: stop the run at the first full-disk error
-                        self._record_failure(item.path, f"{item.path}: {exc}")  # e.g. a file-size limit
+                        self._record_failure(item, f"{item.path}: {exc}")  # e.g. a file-size limit
                         continue
                     job.logits_out = lambda num_classes, logits=logits: logits
                 yield job
@@ -335,10 +410,11 @@ class _Pipeline:
                 self.full_disk = exc
                 raise  # nothing more fits: stop the run at the first full-disk error
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self._record_failure(item.path, f"{item.path}: cannot write its outputs: {detail}")
+            self._record_failure(item, f"{item.path}: cannot write its outputs: {detail}")
             return
         finally:
             job.rgb = job.labels = None
         with self.lock:
             self.summary.images += 1
+            self._record(item, None, job.grid.count)
             self.bar.update(1)

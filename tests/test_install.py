@@ -36,4 +36,4 @@ def test_readme_setup_command_names_one_distribution():
     for command in re.findall(r"pip install -e '\.\[([^\]]+)\]'", readme):
         extras = command.split(",")
         assert not ("cpu" in extras and "gpu" in extras), command
-    assert "pip install -e '.[cpu,test,rtx]'" in readme
+    assert "pip install -e '.[cpu,test,rtx,ray]'" in readme
