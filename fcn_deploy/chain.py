@@ -3,8 +3,8 @@
 ::
 
     model.pt (checkpoint) --export--> export/fcn.onnx (fp32) --export --fp16--> export/fcn.fp16.onnx
-                                              |                                   (later: fcn.int8.onnx)
-                                              +--build-engine--> engines/*.engine (+ .engine.json)
+                                              |         |---export --int8 (calibrated)--> export/fcn.int8.onnx
+                                              +--build-engine [--int8]--> engines/*.engine (+ .engine.json)
 
 Every derived ONNX is named ``<stem>.<precision>.onnx`` beside the fp32 export
 (:func:`derived_onnx_path`). Every artifact records the sha256 of its parent (ONNX: metadata
@@ -53,7 +53,7 @@ def fp16_onnx_path(onnx_path: str | os.PathLike) -> Path:
 
 
 def int8_onnx_path(onnx_path: str | os.PathLike) -> Path:
-    """``<stem>.int8.onnx`` beside the fp32 ONNX (the artifact of a future ``ort-int8`` backend)."""
+    """``<stem>.int8.onnx`` beside the fp32 ONNX (``export --int8``, the ``ort-int8`` artifact)."""
     return derived_onnx_path(onnx_path, "int8")
 
 
@@ -91,7 +91,8 @@ class Resolved:
 def _rebuild_command(path: Path, precision: str, parent: Path) -> str:
     if precision == "fp32":
         return f"fcn-deploy export {parent} -o {path} --force"
-    return f"fcn-deploy export <checkpoint> -o {fp32_sibling(path)} --{precision} --force"
+    calib = " --voc-root DIR (or --calib PHOTOS)" if precision == "int8" else ""  # needs real images
+    return f"fcn-deploy export <checkpoint> -o {fp32_sibling(path)} --{precision}{calib} --force"
 
 
 def onnx_staleness(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,

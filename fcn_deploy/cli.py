@@ -147,7 +147,9 @@ def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32,
 # [cli:engine]
 @cli.command("build-engine")
 @click.argument("onnx", default="export/fcn.onnx", type=click.Path(dir_okay=False))
-@click.option("--fp16/--fp32", "fp16", default=True, show_default=True, help="FP16 builds from <onnx stem>.fp16.onnx (made beside the ONNX if absent or stale).")
+@click.option("--fp16", "precision", flag_value="fp16", default=True, help="FP16 (the default): builds from <onnx stem>.fp16.onnx (made beside the ONNX if absent or stale).")
+@click.option("--fp32", "precision", flag_value="fp32", help="FP32 (TF32 off): builds from the ONNX itself.")
+@click.option("--int8", "precision", flag_value="int8", help="INT8: builds from the calibrated <onnx stem>.int8.onnx of `export --int8` (must exist and be fresh).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine path (default: engines/<name showing precision, TensorRT, GPU or portable>).")
 @click.option("--trt", "flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto", show_default=True, help="auto: TensorRT if installed, else TensorRT-RTX.")
 @click.option("--workspace", type=click.IntRange(min=1), help="Workspace memory limit in MiB.")
@@ -157,12 +159,12 @@ def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32,
 @click.option("--labels-output", is_flag=True, help="Also output uint8 class indices 'labels' (argmax on the GPU).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file reused across builds (TensorRT only).")
 @click.option("--force", is_flag=True, help="Overwrite an existing engine.")
-def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batch, max_batch, labels_output, timing_cache, force) -> None:
+def build_engine_cmd(onnx, precision, output, flavour, workspace, min_batch, opt_batch, max_batch, labels_output, timing_cache, force) -> None:
     """Build a TensorRT engine (+ JSON sidecar) from ONNX (default export/fcn.onnx)."""
     from fcn_deploy.trt.build import build_engine
 
     report = build_engine(
-        onnx, output, precision="fp16" if fp16 else "fp32", flavour=flavour, workspace_mib=workspace,
+        onnx, output, precision=precision, flavour=flavour, workspace_mib=workspace,
         min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache,
         labels_output=labels_output, force=force,
     )

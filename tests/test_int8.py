@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from fcn_deploy.chain import int8_onnx_path
 from fcn_deploy.errors import ArtifactExistsError, DatasetError, UsageError
 from fcn_deploy.fileio import sha256_file
 from fcn_deploy.quantize import (
@@ -18,7 +19,6 @@ from fcn_deploy.quantize import (
     TileCalibrationReader,
     calibration_tiles,
     export_int8,
-    int8_output_path,
     quantize_qdq,
 )
 
@@ -50,7 +50,7 @@ def _activation_scales(model) -> dict[str, float]:
 
 def test_int8_artifact_form_and_sidecar(int8_report, small_onnx):
     path = int8_report.path
-    assert path == int8_output_path(small_onnx) and path.name == "fcn.int8.onnx"
+    assert path == int8_onnx_path(small_onnx) and path.name == "fcn.int8.onnx"
     model = onnx.load(path)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
