@@ -97,11 +97,11 @@ REGISTRY: dict[str, BackendSpec] = {
                     ORT_INSTALL_HINT, "fcn-deploy export model.pt"),
         BackendSpec("ort-fp16", "fp16", "onnx", _ort_factory("ort-fp16"), ("onnxruntime",),
                     ORT_INSTALL_HINT, "fcn-deploy export model.pt --fp16"),
+        BackendSpec("ort-int8", "int8", "onnx", _ort_factory("ort-int8"), ("onnxruntime",),
+                    ORT_INSTALL_HINT, "fcn-deploy export model.pt --int8 --voc-root DIR (or --calib PHOTOS)"),
         BackendSpec("trt", None, "engine", _trt_factory, ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"),
                     "pip install 'fcn-deploy[trt]' (TensorRT) or 'fcn-deploy[rtx]'",
                     "fcn-deploy build-engine --fp16"),
-        BackendSpec("ort-int8", "int8", "onnx", _ort_factory("ort-int8"), ("onnxruntime",),
-                    ORT_INSTALL_HINT, "fcn-deploy export model.pt --int8 --voc-root DIR (or --calib PHOTOS)"),
     )
 }
 
