@@ -254,7 +254,7 @@ def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, m
 
 
 @cli.command("bench")
-@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
+@click.option("--backend", "backends", type=click.Choice(BACKENDS), multiple=True, default=("ort",), show_default=True, help="Repeat to compare backends side by side (default artifacts, calls interleaved), e.g. --backend ort --backend ort-int8.")
 @click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated tiles per call.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
@@ -265,11 +265,20 @@ def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, m
 @click.option("--images", type=click.Path(file_okay=False), help="Also time the whole infer pipeline on this folder.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite --report.")
-def bench_cmd(backend, model, batch_sizes, warmup, iterations, max_seconds, device, precision, images, report, force) -> None:
-    """Latency (min/p50/p90/p99) and throughput (tiles/s) of one backend per batch size."""
-    from fcn_deploy.bench import bench, parse_batch_sizes
+def bench_cmd(backends, model, batch_sizes, warmup, iterations, max_seconds, device, precision, images, report, force) -> None:
+    """Latency (min/p50/p90/p99) and throughput (tiles/s) per batch size, of one backend or of
+    several side by side."""
+    from fcn_deploy.bench import bench, bench_compare, parse_batch_sizes
 
-    bench(backend, model, batch_sizes=parse_batch_sizes(batch_sizes), warmup=warmup, iterations=iterations,
+    sizes = parse_batch_sizes(batch_sizes)
+    if len(set(backends)) > 1:
+        for name, value in (("--model", model), ("--images", images)):
+            if value is not None:
+                raise click.UsageError(f"{name} applies to one --backend; compare backends on their default artifacts")
+        bench_compare(backends, batch_sizes=sizes, warmup=warmup, iterations=iterations, max_seconds=max_seconds,
+                      device=device, precision=precision, report=report, force=force, echo=click.echo)
+        return
+    bench(backends[0], model, batch_sizes=sizes, warmup=warmup, iterations=iterations,
           max_seconds=max_seconds, device=device, precision=precision, images=images, report=report,
           force=force, echo=click.echo)
 

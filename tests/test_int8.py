@@ -350,3 +350,32 @@ def test_build_engine_int8(int8_export_dir, tmp_path):
     assert result.exit_code != 0 and result.output.count("\n") == 1
     assert "INT8 ONNX" in result.output and "export <checkpoint> -o" in result.output and "--int8 --voc-root DIR" in result.output
     assert not list(tmp_path.glob("[sm]*.engine*"))
+
+
+def test_bench_compares_ort_int8_with_ort_in_one_run(int8_export_dir, tmp_path, monkeypatch):
+    """``bench --backend ort --backend ort-int8``: both default artifacts, same tiles, interleaved
+    calls, tiles/s side by side with the ratio to the first (fields only, never speeds)."""
+    from fcn_deploy.bench import bench_compare
+    from fcn_deploy.cli import cli
+
+    lines = []
+    result = bench_compare(["ort", "ort-int8"], export_dir=int8_export_dir, batch_sizes=(1, 2), warmup=0,
+                           iterations=2, device="cpu", report=tmp_path / "b.json", echo=lines.append)
+    assert [b["backend"] for b in result["backends"]] == ["ort", "ort-int8"]
+    assert [b["precision"] for b in result["backends"]] == ["fp32", "int8"]
+    assert result["backends"][1]["artifact"] == str(int8_export_dir / "fcn.int8.onnx")
+    for row in result["comparison"]:
+        speeds = row["tiles_per_s"]
+        assert set(speeds) == {"ort", "ort-int8"} and min(speeds.values()) > 0 and row["vs_first"]["ort"] == 1.0
+        assert row["vs_first"]["ort-int8"] == pytest.approx(speeds["ort-int8"] / speeds["ort"], abs=2e-3)
+    assert all(r["runs"] == 2 for b in result["backends"] for r in b["engine"])
+    assert json.loads((tmp_path / "b.json").read_text()) == result
+    assert "ort tiles/s" in lines[0] and "ort-int8 tiles/s" in lines[0] and "x ort" in lines[0]
+    monkeypatch.chdir(int8_export_dir.parent)
+    args = ["bench", "--backend", "ort", "--backend", "ort-int8", "--batch-sizes", "1", "--iterations", "1",
+            "--warmup", "0", "--device", "cpu"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "bench ort (" in res.output and " vs ort-int8 (" in res.output and "calls interleaved" in res.output
+    res = CliRunner().invoke(cli, [*args, "--model", "export/fcn.onnx"])
+    assert res.exit_code == 2 and "--model applies to one --backend" in res.output
