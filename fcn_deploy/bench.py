@@ -144,6 +144,16 @@ def time_interleaved(
     return times
 
 
+def _check_bench_args(batch_sizes: Sequence[int], warmup: int, iterations: int) -> tuple[int, ...]:
+    """The batch sizes as ints; :class:`UsageError` naming the option for impossible values."""
+    sizes = tuple(int(b) for b in batch_sizes)
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes must be positive integers, not {sizes}")
+    if warmup < 0 or iterations < 1:
+        raise UsageError(f"--warmup must be >= 0 and --iterations >= 1 (got {warmup}, {iterations})")
+    return sizes
+
+
 def _timed_call(runner, batch: np.ndarray) -> Callable[[], Any]:
     """What a timed call runs: ``run_staged`` on inputs staged where the runner computes, else
     ``infer`` on host arrays."""
@@ -184,11 +194,7 @@ def bench_compare(
     names = list(dict.fromkeys(backends))
     if len(names) < 2:
         raise UsageError("bench_compare needs at least two different --backend values")
-    batch_sizes = tuple(int(b) for b in batch_sizes)
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise UsageError(f"--batch-sizes must be positive integers, not {batch_sizes}")
-    if warmup < 0 or iterations < 1:
-        raise UsageError(f"--warmup must be >= 0 and --iterations >= 1 (got {warmup}, {iterations})")
+    batch_sizes = _check_bench_args(batch_sizes, warmup, iterations)
     if report is not None:
         report = check_writable(report, force)
     with contextlib.ExitStack() as stack:
@@ -305,11 +311,7 @@ def bench(
     """
     from fcn_deploy.runners import create_runner
 
-    batch_sizes = tuple(int(b) for b in batch_sizes)
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise UsageError(f"--batch-sizes must be positive integers, not {batch_sizes}")
-    if warmup < 0 or iterations < 1:
-        raise UsageError(f"--warmup must be >= 0 and --iterations >= 1 (got {warmup}, {iterations})")
+    batch_sizes = _check_bench_args(batch_sizes, warmup, iterations)
     if images is not None and not Path(images).is_dir():
         raise UsageError(f"--images {images} is not a folder")
     if report is not None:
@@ -326,12 +328,7 @@ def bench(
         staged_ok = hasattr(runner, "stage") and hasattr(runner, "run_staged")
         engine = []
         for bs in batch_sizes:
-            batch = np.ascontiguousarray(tiles[:bs])
-            if staged_ok:
-                staged = runner.stage(batch)
-                fn = lambda staged=staged: runner.run_staged(staged)  # noqa: E731
-            else:
-                fn = lambda batch=batch: runner.infer(batch)  # noqa: E731
+            fn = _timed_call(runner, np.ascontiguousarray(tiles[:bs]))
             engine.append(latency_stats(time_runs(fn, warmup, iterations, max_seconds), bs))
         result: dict[str, Any] = {
             "backend": backend,
