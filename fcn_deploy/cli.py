@@ -121,24 +121,25 @@ def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, devi
 @click.option("--fp16", is_flag=True, help="Also write the strongly typed FP16 ONNX <stem>.fp16.onnx (+ .json).")
 @click.option("--keep-fp32", multiple=True, help="With --fp16: op type or node name kept in float32 (repeatable).")
 @click.option("--int8", is_flag=True, help="Also write the calibrated QDQ INT8 ONNX <stem>.int8.onnx (+ .json).")
-@click.option("--calib", multiple=True, type=click.Path(), help="With --int8: calibration image file or folder (repeatable).")
-@click.option("--voc-root", type=click.Path(), help="With --int8: calibrate on this VOC2012 train split.")
+@click.option("--int8-cpu", is_flag=True, help="Also write <stem>.int8-cpu.onnx: INT8 with uint8 activations, faster on onnxruntime's CPU provider, not for TensorRT.")
+@click.option("--calib", multiple=True, type=click.Path(), help="With --int8/--int8-cpu: calibration image file or folder (repeatable).")
+@click.option("--voc-root", type=click.Path(), help="With --int8/--int8-cpu: calibrate on this VOC2012 train split.")
 @click.option("--calib-tiles", type=int, default=32, show_default=True, help="With --int8: calibration tiles drawn (at least 8).")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True, help="With --int8: how activation ranges are chosen.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-reference verification.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32, int8, calib, voc_root, calib_tiles, calib_method, no_verify, force) -> None:
+def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32, int8, int8_cpu, calib, voc_root, calib_tiles, calib_method, no_verify, force) -> None:
     """Export CHECKPOINT (default model.pt) to ONNX, check the graph and verify it."""
     from fcn_deploy.export.torch_export import DEFAULT_OPSET, export_artifacts
     from fcn_deploy.quantize import check_int8_args, export_int8
 
-    check_int8_args(output, int8=int8, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles, force=force)
+    check_int8_args(output, int8=int8, int8_cpu=int8_cpu, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles, force=force)
     reports = export_artifacts(
         checkpoint, output, fp16=fp16, keep_fp32=keep_fp32, height=height, width=width, batch=batch,
         opset=DEFAULT_OPSET if opset is None else opset, force=force, verify=not no_verify,
     )
-    if int8:
-        reports.append(export_int8(output, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles,
+    for cpu_only in [False] * int8 + [True] * int8_cpu:
+        reports.append(export_int8(output, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles, cpu_only=cpu_only,
                                    calib_method=calib_method, verify=not no_verify, force=force))
     for report in reports:
         click.echo(report.summary())

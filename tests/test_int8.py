@@ -379,3 +379,44 @@ def test_bench_compares_ort_int8_with_ort_in_one_run(int8_export_dir, tmp_path, 
     assert "bench ort (" in res.output and " vs ort-int8 (" in res.output and "calls interleaved" in res.output
     res = CliRunner().invoke(cli, [*args, "--model", "export/fcn.onnx"])
     assert res.exit_code == 2 and "--model applies to one --backend" in res.output
+
+
+def test_int8_cpu_variant(small_onnx, voc_root, int8_export_dir, tmp_path):
+    """export --int8-cpu: uint8 activations (zero points), weights still symmetric int8, its own
+    artifact <stem>.int8-cpu.onnx and backend ort-int8-cpu (precision int8: the int8 limits);
+    onnxruntime fuses every conv into QLinearConv; build-engine refuses it (TensorRT refuses
+    non-zero zero points); a stale one names --int8-cpu."""
+    from fcn_deploy.chain import resolve
+    from fcn_deploy.runners import create_runner
+
+    out = int8_export_dir / "fcn.int8-cpu.onnx"
+    report = export_int8(int8_export_dir / "fcn.onnx", voc_root=voc_root, calib_tiles=MIN_CALIB_TILES,
+                         verify=False, cpu_only=True)
+    assert report.path == out and "uint8 activations, onnxruntime CPU only" in report.summary()
+    model = onnx.load(out)
+    inits = _inits(model)
+    zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zps and all(z.dtype == np.uint8 for z in zps) and any(z.any() for z in zps)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["precision"] == "int8" and side["calibration"]["symmetric"] is False
+    assert "CPU only" in side["calibration"]["runtime"]
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("QLinearConv") == sum(n.op_type == "Conv" for n in onnx.load(small_onnx).graph.node)
+    resolved = resolve("ort-int8-cpu", export_dir=int8_export_dir)
+    assert resolved.path == out and resolved.precision == "int8" and resolved.stale is None
+    with create_runner("ort-int8-cpu", export_dir=int8_export_dir, device="cpu") as runner:
+        assert runner.name == "ort-int8-cpu" and runner.meta["precision"] == "int8"
+    from fcn_deploy.trt.build import build_engine
+
+    with pytest.raises(UsageError, match="CPU-only INT8 ONNX .* TensorRT refuses"):
+        build_engine(out, tmp_path / "e.engine", precision="int8", flavour="rtx")
+    _touch_onnx(int8_export_dir / "fcn.onnx")
+    assert "--int8-cpu --voc-root DIR" in resolve("ort-int8-cpu", export_dir=int8_export_dir).stale
+    (int8_export_dir / "fcn.int8-cpu.onnx").unlink()
+    with pytest.raises(ArtifactNotFoundError, match=r"INT8-CPU ONNX model .* run `fcn-deploy export model.pt --int8-cpu"):
+        resolve("ort-int8-cpu", export_dir=int8_export_dir)

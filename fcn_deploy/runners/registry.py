@@ -69,6 +69,8 @@ class BackendSpec:
         install_hint: what to install when none is.
         build_command: the command that makes its default artifact.
         checked: whether ``check`` compares it with the PyTorch reference (torch *is* the reference).
+        onnx_tag: for ``onnx``, the name tag of its file when it is not the precision
+            (``int8-cpu``: ``export/fcn.int8-cpu.onnx``, an int8 variant).
     """
 
     name: str
@@ -79,6 +81,7 @@ class BackendSpec:
     install_hint: str
     build_command: str
     checked: bool = True
+    onnx_tag: str | None = None
 
     def available(self) -> str | None:
         """None when the backend's Python packages are installed, else why not (with the hint).
@@ -99,6 +102,10 @@ REGISTRY: dict[str, BackendSpec] = {
                     ORT_INSTALL_HINT, "fcn-deploy export model.pt --fp16"),
         BackendSpec("ort-int8", "int8", "onnx", _ort_factory("ort-int8"), ("onnxruntime",),
                     ORT_INSTALL_HINT, "fcn-deploy export model.pt --int8 --voc-root DIR (or --calib PHOTOS)"),
+        # CPU only: uint8 activations (onnxruntime fuses every conv); TensorRT refuses its zero points
+        BackendSpec("ort-int8-cpu", "int8", "onnx", _ort_factory("ort-int8-cpu"), ("onnxruntime",),
+                    ORT_INSTALL_HINT, "fcn-deploy export model.pt --int8-cpu --voc-root DIR (or --calib PHOTOS)",
+                    onnx_tag="int8-cpu"),
         BackendSpec("trt", None, "engine", _trt_factory, ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"),
                     "pip install 'fcn-deploy[trt]' (TensorRT) or 'fcn-deploy[rtx]'",
                     "fcn-deploy build-engine --fp16"),

@@ -194,6 +194,9 @@ def build_engine(
     derived = meta.get("precision") if meta.get("precision") in ("fp16", "int8") else None
     if derived is not None and precision != derived:
         raise UsageError(f"{onnx_path} is an {derived.upper()} ONNX; pass --{derived} or give the FP32 export")
+    if derived == "int8" and (meta.get("calibration") or {}).get("symmetric") is False:
+        raise UsageError(f"{onnx_path} is the CPU-only INT8 ONNX (uint8 activations with zero points, which "
+                         "TensorRT refuses); build from the symmetric <stem>.int8.onnx of `export --int8`")
     if derived == "int8":
         reason = onnx_staleness(onnx_path)  # against the FP32 export it records, when that exists
         if reason:
