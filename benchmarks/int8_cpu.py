@@ -4,8 +4,9 @@ Usage: python benchmarks/int8_cpu.py WORKDIR [--rounds 5] [--batch-sizes 1,4] [-
 WORKDIR is a `fcn-deploy demo --workdir` folder (model.pt, export/fcn.onnx, data/). The int8
 ONNX is the chain's export/fcn.int8.onnx when present and fresh (``fcn-deploy export --int8``),
 else it is made from export/fcn.onnx (minmax, 32 tiles of the train split) in a temporary folder;
-``ort-int8-u8`` is the same calibration with asymmetric uint8 activations, which onnxruntime's
-CPU kernels fuse completely but TensorRT cannot build (shown for the explanation only).
+``ort-int8-u8`` is the same calibration with asymmetric uint8 activations (the form of
+``export --int8-cpu`` / ``--backend ort-int8-cpu``), which onnxruntime's CPU kernels fuse
+completely but TensorRT cannot build.
 ``fcn-deploy bench --backend ort --backend ort-int8`` gives the registry backends' side-by-side
 numbers; this script adds the u8 variant and the reason: how many convolutions onnxruntime's
 optimiser fused into QLinearConv in each graph (``--ops-only`` prints just that).

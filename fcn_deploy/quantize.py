@@ -14,6 +14,10 @@
   takes the dequantized output of the quantized 1x1 classifier conv and writes float32 ``logits``.
 * IO stays float32: ``image`` float32 (N, 3, H, W) in, ``logits`` float32 (N, K, H, W) out.
 
+``export_int8(..., cpu_only=True)`` (``export --int8-cpu``) writes ``<stem>.int8-cpu.onnx``
+instead: the same calibration with uint8 activations and zero points, which onnxruntime's CPU
+provider fuses into QLinearConv everywhere; TensorRT refuses it (``ort-int8-cpu`` only).
+
 Calibration tiles are cut from real images by :func:`fcn_deploy.parity.draw_tiles` (the way
 ``check`` draws them), from image files/folders (``calib``) or the *train* split of a VOC root
 (``voc_root``; ``check --voc-root`` uses the val split, so calibration and parity tiles differ).
