@@ -1,5 +1,7 @@
 """``fcn-deploy bench``: latency and throughput of one backend, engine alone and (optionally)
-the whole ``infer`` pipeline, with the machine it ran on.
+the whole ``infer`` pipeline, with the machine it ran on; or of several backends side by side
+(:func:`bench_compare`, their timed calls interleaved so that load from other processes hits
+them alike).
 
 Engine alone: random photos-like tiles (uniform RGB, ImageNet-normalised) are staged once where
 the runner computes (a CUDA tensor for torch, a device ``OrtValue`` with IO binding for
@@ -120,6 +122,149 @@ def time_runs(
     return times
 
 
+def time_interleaved(
+    fns: Sequence[Callable[[], Any]], warmup: int, iterations: int, max_seconds: float | None, min_runs: int = 3
+) -> list[list[float]]:
+    """:func:`time_runs` for several functions at once, their calls interleaved (warm-up calls of
+    each, then one timed call of each in turn); each stops on its own budget. Returns the
+    seconds of each function's timed calls, in the order of ``fns``."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(iterations):
+        running = [i for i, t in enumerate(times)
+                   if max_seconds is None or sum(t) < max_seconds or len(t) < min_runs]
+        if not running:
+            break
+        for i in running:
+            start = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def _check_bench_args(batch_sizes: Sequence[int], warmup: int, iterations: int) -> tuple[int, ...]:
+    """The batch sizes as ints; :class:`UsageError` naming the option for impossible values."""
+    sizes = tuple(int(b) for b in batch_sizes)
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes must be positive integers, not {sizes}")
+    if warmup < 0 or iterations < 1:
+        raise UsageError(f"--warmup must be >= 0 and --iterations >= 1 (got {warmup}, {iterations})")
+    return sizes
+
+
+def _timed_call(runner, batch: np.ndarray) -> Callable[[], Any]:
+    """What a timed call runs: ``run_staged`` on inputs staged where the runner computes, else
+    ``infer`` on host arrays."""
+    if hasattr(runner, "stage") and hasattr(runner, "run_staged"):
+        staged = runner.stage(batch)
+        return lambda: runner.run_staged(staged)
+    return lambda: runner.infer(batch)
+
+
+def bench_compare(
+    backends: Sequence[str],
+    *,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    warmup: int = 3,
+    iterations: int = 20,
+    max_seconds: float | None = 5.0,
+    device: str = "auto",
+    precision: str | None = None,
+    report: str | os.PathLike | None = None,
+    force: bool = False,
+    export_dir: str | os.PathLike = "export",
+    engines_dir: str | os.PathLike = "engines",
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Benchmark several backends (their default artifacts from the chain) side by side, in one
+    process, on the same random tiles, every timed call interleaved across backends.
+
+    Returns ``{"backends": [{"backend", "artifact", "device", "precision", "engine": [rows as in
+    :func:`bench`]}...], "comparison": [{"batch_size", "tiles_per_s": {backend: v},
+    "vs_first": {backend: ratio to the first backend's tiles/s}}...], "tile_hw", "warmup",
+    "iterations", "machine", "fcn_deploy_version", "created"}``.
+    """
+    import contextlib
+
+    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners.registry import get_backend
+
+    names = list(dict.fromkeys(backends))
+    if len(names) < 2:
+        raise UsageError("bench_compare needs at least two different --backend values")
+    batch_sizes = _check_bench_args(batch_sizes, warmup, iterations)
+    if report is not None:
+        report = check_writable(report, force)
+    with contextlib.ExitStack() as stack:
+        # --precision goes to the backends that take one (torch, trt); an ONNX decides its own
+        runners = [stack.enter_context(create_runner(
+            n, device=device, precision=precision if get_backend(n).precision is None else None,
+            export_dir=export_dir, engines_dir=engines_dir)) for n in names]
+        tile_hw = runners[0].tile_hw
+        for name, runner in zip(names, runners):
+            if tuple(runner.tile_hw) != tuple(tile_hw):
+                raise UsageError(f"--backend {name} has {runner.tile_hw[0]}x{runner.tile_hw[1]} tiles, "
+                                 f"{names[0]} {tile_hw[0]}x{tile_hw[1]}: compare artifacts of one export")
+            if runner.max_batch is not None and max(batch_sizes) > runner.max_batch:
+                raise UsageError(f"--batch-sizes {max(batch_sizes)}: this {name} artifact takes at most {runner.max_batch}")
+        meta = runners[0].meta
+        tiles = random_tiles(max(batch_sizes), tile_hw, meta["mean"], meta["std"])
+        rows: list[list[dict[str, Any]]] = [[] for _ in runners]
+        for bs in batch_sizes:
+            batch = np.ascontiguousarray(tiles[:bs])
+            times = time_interleaved([_timed_call(r, batch) for r in runners], warmup, iterations, max_seconds)
+            for i, t in enumerate(times):
+                rows[i].append(latency_stats(t, bs))
+        per_backend = [
+            {"backend": name, "artifact": str(getattr(r, "path", None) or getattr(r, "checkpoint", "")),
+             "device": r.device, "precision": r.meta.get("precision"), "engine": engine}
+            for name, r, engine in zip(names, runners, rows)
+        ]
+    comparison = []
+    for j, bs in enumerate(batch_sizes):
+        speeds = {b["backend"]: b["engine"][j]["tiles_per_s"] for b in per_backend}
+        first = speeds[names[0]]
+        comparison.append({"batch_size": bs, "tiles_per_s": speeds,
+                           "vs_first": {n: round(v / first, 3) if first else None for n, v in speeds.items()}})
+    result = {"backends": per_backend, "comparison": comparison, "tile_hw": list(tile_hw), "warmup": warmup,
+              "iterations": iterations, "machine": machine_info(), "fcn_deploy_version": __version__,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if echo is not None:
+        echo(format_comparison(result))
+    if report is not None:
+        write_json_atomic(report, result)
+    return result
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """The terminal table of a :func:`bench_compare` result: tiles/s of every backend side by
+    side per batch size, each with its ratio to the first backend, then p50 latencies."""
+    from fcn_deploy.report import format_table
+
+    m = result["machine"]
+    h, w = result["tile_hw"]
+    backends = result["backends"]
+    lines = [
+        "bench " + " vs ".join(f"{b['backend']} ({b['artifact']}, {b['precision']}, {b['device']})" for b in backends)
+        + f", tiles {h}x{w}, calls interleaved",
+        f"machine: {m['cpu']}, {m['physical_cores']} cores" + (f", {m['gpu']}" if m["gpu"] else ""),
+        "",
+    ]
+    first = backends[0]["backend"]
+    header = ["batch"] + [f"{b['backend']} tiles/s" for b in backends] + [f"x {first}"]
+    rows = []
+    for j, c in enumerate(result["comparison"]):
+        ratios = " / ".join(f"{c['vs_first'][b['backend']]:.2f}" for b in backends[1:])
+        rows.append([str(c["batch_size"])] + [f"{c['tiles_per_s'][b['backend']]:.2f}" for b in backends] + [ratios])
+    lines.append(format_table(header, rows))
+    lines.append("p50 ms: " + "; ".join(
+        f"{b['backend']} " + ", ".join(f"b{r['batch_size']} {r['latency_ms']['p50']:.1f}" for r in b["engine"])
+        for b in backends))
+    return "\n".join(lines)
+
+
 def bench(
     backend: str,
     model: str | os.PathLike | None = None,
@@ -166,11 +311,7 @@ def bench(
     """
     from fcn_deploy.runners import create_runner
 
-    batch_sizes = tuple(int(b) for b in batch_sizes)
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise UsageError(f"--batch-sizes must be positive integers, not {batch_sizes}")
-    if warmup < 0 or iterations < 1:
-        raise UsageError(f"--warmup must be >= 0 and --iterations >= 1 (got {warmup}, {iterations})")
+    batch_sizes = _check_bench_args(batch_sizes, warmup, iterations)
     if images is not None and not Path(images).is_dir():
         raise UsageError(f"--images {images} is not a folder")
     if report is not None:
@@ -187,12 +328,7 @@ def bench(
         staged_ok = hasattr(runner, "stage") and hasattr(runner, "run_staged")
         engine = []
         for bs in batch_sizes:
-            batch = np.ascontiguousarray(tiles[:bs])
-            if staged_ok:
-                staged = runner.stage(batch)
-                fn = lambda staged=staged: runner.run_staged(staged)  # noqa: E731
-            else:
-                fn = lambda batch=batch: runner.infer(batch)  # noqa: E731
+            fn = _timed_call(runner, np.ascontiguousarray(tiles[:bs]))
             engine.append(latency_stats(time_runs(fn, warmup, iterations, max_seconds), bs))
         result: dict[str, Any] = {
             "backend": backend,

@@ -3,8 +3,8 @@
 ::
 
     model.pt (checkpoint) --export--> export/fcn.onnx (fp32) --export --fp16--> export/fcn.fp16.onnx
-                                              |                                   (later: fcn.int8.onnx)
-                                              +--build-engine--> engines/*.engine (+ .engine.json)
+                                              |         |---export --int8 (calibrated)--> export/fcn.int8.onnx
+                                              +--build-engine [--int8]--> engines/*.engine (+ .engine.json)
 
 Every derived ONNX is named ``<stem>.<precision>.onnx`` beside the fp32 export
 (:func:`derived_onnx_path`). Every artifact records the sha256 of its parent (ONNX: metadata
@@ -53,8 +53,14 @@ def fp16_onnx_path(onnx_path: str | os.PathLike) -> Path:
 
 
 def int8_onnx_path(onnx_path: str | os.PathLike) -> Path:
-    """``<stem>.int8.onnx`` beside the fp32 ONNX (the artifact of a future ``ort-int8`` backend)."""
+    """``<stem>.int8.onnx`` beside the fp32 ONNX (``export --int8``, the ``ort-int8`` artifact)."""
     return derived_onnx_path(onnx_path, "int8")
+
+
+def int8_cpu_onnx_path(onnx_path: str | os.PathLike) -> Path:
+    """``<stem>.int8-cpu.onnx`` beside the fp32 ONNX (``export --int8-cpu``, the ``ort-int8-cpu``
+    artifact: uint8 activations, for onnxruntime's CPU provider only; TensorRT cannot build it)."""
+    return derived_onnx_path(onnx_path, "int8-cpu")
 
 
 def fp32_sibling(onnx_path: str | os.PathLike) -> Path:
@@ -88,10 +94,15 @@ class Resolved:
         return self.path
 
 
-def _rebuild_command(path: Path, precision: str, parent: Path) -> str:
+def _rebuild_command(path: Path, meta: dict, parent: Path) -> str:
+    precision = meta.get("precision") or "fp32"
     if precision == "fp32":
         return f"fcn-deploy export {parent} -o {path} --force"
-    return f"fcn-deploy export <checkpoint> -o {fp32_sibling(path)} --{precision} --force"
+    flag = precision
+    if precision == "int8" and (meta.get("calibration") or {}).get("symmetric") is False:
+        flag = "int8-cpu"
+    calib = " --voc-root DIR (or --calib PHOTOS)" if precision == "int8" else ""  # needs real images
+    return f"fcn-deploy export <checkpoint> -o {fp32_sibling(path)} --{flag}{calib} --force"
 
 
 def onnx_staleness(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
@@ -109,7 +120,6 @@ def onnx_staleness(path: str | os.PathLike, parent: str | os.PathLike | None = N
 
     path = Path(path)
     meta = read_artifact_meta(path)
-    precision = meta.get("precision") or "fp32"
     recorded = meta.get("parent") or {}
     parent = Path(parent) if parent is not None else (Path(recorded["path"]) if recorded.get("path") else None)
     if parent is None or not parent.is_file():
@@ -123,7 +133,7 @@ def onnx_staleness(path: str | os.PathLike, parent: str | os.PathLike | None = N
     current = sha256_file(parent)
     if recorded["sha256"] != current:
         return (f"{path} is stale: made from a {parent.name} with sha256 {recorded['sha256'][:12]}, "
-                f"but {parent} now has {current[:12]}; rebuild it: {_rebuild_command(path, precision, parent)}")
+                f"but {parent} now has {current[:12]}; rebuild it: {_rebuild_command(path, meta, parent)}")
     return None
 
 
@@ -176,11 +186,12 @@ def _resolve_onnx(spec, model, export_dir: Path, precision, checkpoint) -> Resol
         hint = f"; use --backend {other} for {precision}" if other else ""
         raise UsageError(f"--backend {spec.name} runs the {own} ONNX{hint}")
     fp32 = export_dir / ONNX_NAME
-    path = Path(model) if model is not None else derived_onnx_path(fp32, own)
+    tag = spec.onnx_tag or own
+    path = Path(model) if model is not None else derived_onnx_path(fp32, tag)
     if not path.is_file():
         if model is not None:
             return Resolved(spec.name, path, "onnx", own)
-        label = "ONNX model" if own == "fp32" else f"{own.upper()} ONNX model"
+        label = "ONNX model" if own == "fp32" else f"{tag.upper()} ONNX model"
         raise ArtifactNotFoundError(f"{label} {path} not found; run `{spec.build_command}` first")
     required = checkpoint is not None
     try:

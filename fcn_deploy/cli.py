@@ -121,24 +121,25 @@ def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, devi
 @click.option("--fp16", is_flag=True, help="Also write the strongly typed FP16 ONNX <stem>.fp16.onnx (+ .json).")
 @click.option("--keep-fp32", multiple=True, help="With --fp16: op type or node name kept in float32 (repeatable).")
 @click.option("--int8", is_flag=True, help="Also write the calibrated QDQ INT8 ONNX <stem>.int8.onnx (+ .json).")
-@click.option("--calib", multiple=True, type=click.Path(), help="With --int8: calibration image file or folder (repeatable).")
-@click.option("--voc-root", type=click.Path(), help="With --int8: calibrate on this VOC2012 train split.")
+@click.option("--int8-cpu", is_flag=True, help="Also write <stem>.int8-cpu.onnx: INT8 with uint8 activations, faster on onnxruntime's CPU provider, not for TensorRT.")
+@click.option("--calib", multiple=True, type=click.Path(), help="With --int8/--int8-cpu: calibration image file or folder (repeatable).")
+@click.option("--voc-root", type=click.Path(), help="With --int8/--int8-cpu: calibrate on this VOC2012 train split.")
 @click.option("--calib-tiles", type=int, default=32, show_default=True, help="With --int8: calibration tiles drawn (at least 8).")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True, help="With --int8: how activation ranges are chosen.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-reference verification.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32, int8, calib, voc_root, calib_tiles, calib_method, no_verify, force) -> None:
+def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32, int8, int8_cpu, calib, voc_root, calib_tiles, calib_method, no_verify, force) -> None:
     """Export CHECKPOINT (default model.pt) to ONNX, check the graph and verify it."""
     from fcn_deploy.export.torch_export import DEFAULT_OPSET, export_artifacts
     from fcn_deploy.quantize import check_int8_args, export_int8
 
-    check_int8_args(output, int8=int8, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles, force=force)
+    check_int8_args(output, int8=int8, int8_cpu=int8_cpu, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles, force=force)
     reports = export_artifacts(
         checkpoint, output, fp16=fp16, keep_fp32=keep_fp32, height=height, width=width, batch=batch,
         opset=DEFAULT_OPSET if opset is None else opset, force=force, verify=not no_verify,
     )
-    if int8:
-        reports.append(export_int8(output, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles,
+    for cpu_only in [False] * int8 + [True] * int8_cpu:
+        reports.append(export_int8(output, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles, cpu_only=cpu_only,
                                    calib_method=calib_method, verify=not no_verify, force=force))
     for report in reports:
         click.echo(report.summary())
@@ -147,7 +148,9 @@ def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32,
 # [cli:engine]
 @cli.command("build-engine")
 @click.argument("onnx", default="export/fcn.onnx", type=click.Path(dir_okay=False))
-@click.option("--fp16/--fp32", "fp16", default=True, show_default=True, help="FP16 builds from <onnx stem>.fp16.onnx (made beside the ONNX if absent or stale).")
+@click.option("--fp16", "precision", flag_value="fp16", default=True, help="FP16 (the default): builds from <onnx stem>.fp16.onnx (made beside the ONNX if absent or stale).")
+@click.option("--fp32", "precision", flag_value="fp32", help="FP32 (TF32 off): builds from the ONNX itself.")
+@click.option("--int8", "precision", flag_value="int8", help="INT8: builds from the calibrated <onnx stem>.int8.onnx of `export --int8` (must exist and be fresh).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine path (default: engines/<name showing precision, TensorRT, GPU or portable>).")
 @click.option("--trt", "flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto", show_default=True, help="auto: TensorRT if installed, else TensorRT-RTX.")
 @click.option("--workspace", type=click.IntRange(min=1), help="Workspace memory limit in MiB.")
@@ -157,12 +160,12 @@ def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32,
 @click.option("--labels-output", is_flag=True, help="Also output uint8 class indices 'labels' (argmax on the GPU).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file reused across builds (TensorRT only).")
 @click.option("--force", is_flag=True, help="Overwrite an existing engine.")
-def build_engine_cmd(onnx, fp16, output, flavour, workspace, min_batch, opt_batch, max_batch, labels_output, timing_cache, force) -> None:
+def build_engine_cmd(onnx, precision, output, flavour, workspace, min_batch, opt_batch, max_batch, labels_output, timing_cache, force) -> None:
     """Build a TensorRT engine (+ JSON sidecar) from ONNX (default export/fcn.onnx)."""
     from fcn_deploy.trt.build import build_engine
 
     report = build_engine(
-        onnx, output, precision="fp16" if fp16 else "fp32", flavour=flavour, workspace_mib=workspace,
+        onnx, output, precision=precision, flavour=flavour, workspace_mib=workspace,
         min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache,
         labels_output=labels_output, force=force,
     )
@@ -285,7 +288,7 @@ def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, m
 
 
 @cli.command("bench")
-@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
+@click.option("--backend", "backends", type=click.Choice(BACKENDS), multiple=True, default=("ort",), show_default=True, help="Repeat to compare backends side by side (default artifacts, calls interleaved), e.g. --backend ort --backend ort-int8.")
 @click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated tiles per call.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
@@ -296,11 +299,20 @@ def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, m
 @click.option("--images", type=click.Path(file_okay=False), help="Also time the whole infer pipeline on this folder.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite --report.")
-def bench_cmd(backend, model, batch_sizes, warmup, iterations, max_seconds, device, precision, images, report, force) -> None:
-    """Latency (min/p50/p90/p99) and throughput (tiles/s) of one backend per batch size."""
-    from fcn_deploy.bench import bench, parse_batch_sizes
+def bench_cmd(backends, model, batch_sizes, warmup, iterations, max_seconds, device, precision, images, report, force) -> None:
+    """Latency (min/p50/p90/p99) and throughput (tiles/s) per batch size, of one backend or of
+    several side by side."""
+    from fcn_deploy.bench import bench, bench_compare, parse_batch_sizes
 
-    bench(backend, model, batch_sizes=parse_batch_sizes(batch_sizes), warmup=warmup, iterations=iterations,
+    sizes = parse_batch_sizes(batch_sizes)
+    if len(set(backends)) > 1:
+        for name, value in (("--model", model), ("--images", images)):
+            if value is not None:
+                raise click.UsageError(f"{name} applies to one --backend; compare backends on their default artifacts")
+        bench_compare(backends, batch_sizes=sizes, warmup=warmup, iterations=iterations, max_seconds=max_seconds,
+                      device=device, precision=precision, report=report, force=force, echo=click.echo)
+        return
+    bench(backends[0], model, batch_sizes=sizes, warmup=warmup, iterations=iterations,
           max_seconds=max_seconds, device=device, precision=precision, images=images, report=report,
           force=force, echo=click.echo)
 

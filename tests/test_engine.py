@@ -385,8 +385,8 @@ def test_parser_errors_are_reported_in_full(rtx, broken_onnx, name, words, tmp_p
 def test_bad_build_options(tmp_path):
     with pytest.raises(UsageError, match="--min-batch 8 <= --opt-batch 4"):
         build_engine(tmp_path / "fcn.onnx", min_batch=8, opt_batch=4)
-    with pytest.raises(UsageError, match="precision"):
-        build_engine(tmp_path / "fcn.onnx", precision="int8")
+    with pytest.raises(UsageError, match="precision must be one of fp16, fp32, int8, not 'bf16'"):
+        build_engine(tmp_path / "fcn.onnx", precision="bf16")
 
 
 # --- CLI ---------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_failure_messages_name_metric_and_gap():
 
 def test_parse_backends():
     assert parse_backends(("ort,trt", "ort")) == (["ort", "trt"], False)
-    assert parse_backends("all") == (["ort", "ort-fp16", "trt"], True)
+    assert parse_backends("all") == (["ort", "ort-fp16", "ort-int8", "ort-int8-cpu", "trt"], True)
     with pytest.raises(UsageError, match="--backend must be one of .* not 'torch'"):
         parse_backends(["torch"])
 

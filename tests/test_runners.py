@@ -257,8 +257,8 @@ def test_ort_provider_checks(tmp_path):
 def test_factory_unknown_backend():
     with pytest.raises(UsageError) as err:
         create_runner("tflite")
-    assert str(err.value) == "--backend must be one of torch, ort, ort-fp16, trt, not 'tflite'"
-    assert BACKENDS == ("torch", "ort", "ort-fp16", "trt")
+    assert str(err.value) == "--backend must be one of torch, ort, ort-fp16, ort-int8, ort-int8-cpu, trt, not 'tflite'"
+    assert BACKENDS == ("torch", "ort", "ort-fp16", "ort-int8", "ort-int8-cpu", "trt")
 
 
 def test_factory_missing_defaults_name_the_command(tmp_path, monkeypatch):
@@ -562,9 +562,10 @@ def test_every_command_refuses_a_stale_onnx_the_same_way(checkpoint_path, onnx_p
 def test_registry_lists_every_backend_once():
     from fcn_deploy.runners.registry import CHECK_BACKENDS, REGISTRY, get_backend
 
-    assert CHECK_BACKENDS == ("ort", "ort-fp16", "trt")
+    assert CHECK_BACKENDS == ("ort", "ort-fp16", "ort-int8", "ort-int8-cpu", "trt")
     assert {s.name: (s.artifact, s.precision) for s in REGISTRY.values()} == {
-        "torch": ("checkpoint", None), "ort": ("onnx", "fp32"), "ort-fp16": ("onnx", "fp16"), "trt": ("engine", None)}
+        "torch": ("checkpoint", None), "ort": ("onnx", "fp32"), "ort-fp16": ("onnx", "fp16"),
+        "ort-int8": ("onnx", "int8"), "ort-int8-cpu": ("onnx", "int8"), "trt": ("engine", None)}
     assert get_backend("ort").available() is None  # onnxruntime is installed here
     missing = get_backend("ort").__class__("x", "fp32", "onnx", None, ("no_such_module_fcn",), "pip install x", "")
     assert missing.available() == "--backend x needs no_such_module_fcn, which is not installed; pip install x"

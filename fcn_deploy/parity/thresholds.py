@@ -36,6 +36,7 @@ METRICS: dict[str, MetricSpec] = {
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"agreement": 99.99, "max_abs": 1e-3},
     "fp16": {"agreement": 99.5, "miou_gt_change": 0.5},
+    "int8": {"agreement": 99.0, "miou_gt_change": 1.0},
 }
 #: Limits applied whatever the precision and the overrides.
 ALWAYS: dict[str, float] = {"nonfinite": 0}

@@ -3,7 +3,7 @@
 A spec says what the backend runs (artifact kind and precision), how to build its runner, whether
 it can run here and what to install when it cannot. ``create_runner``, the CLI's ``--backend``
 choices and ``check``'s backend list all come from :data:`REGISTRY`; adding a backend is one entry
-(see the ``ort-int8`` note at the end of the table).
+(``ort-int8`` is the last one added).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class BackendSpec:
 
     Attributes:
         name: the ``--backend`` value.
-        precision: the precision of its artifact (``fp32``, ``fp16``, later ``int8``), or None when
+        precision: the precision of its artifact (``fp32``, ``fp16``, ``int8``), or None when
             the runner takes ``--precision`` (torch, trt).
         artifact: ``checkpoint``, ``onnx`` or ``engine``; for ``onnx`` the file is
             :func:`fcn_deploy.chain.derived_onnx_path` of ``export/fcn.onnx`` and ``precision``.
@@ -69,6 +69,8 @@ class BackendSpec:
         install_hint: what to install when none is.
         build_command: the command that makes its default artifact.
         checked: whether ``check`` compares it with the PyTorch reference (torch *is* the reference).
+        onnx_tag: for ``onnx``, the name tag of its file when it is not the precision
+            (``int8-cpu``: ``export/fcn.int8-cpu.onnx``, an int8 variant).
     """
 
     name: str
@@ -79,6 +81,7 @@ class BackendSpec:
     install_hint: str
     build_command: str
     checked: bool = True
+    onnx_tag: str | None = None
 
     def available(self) -> str | None:
         """None when the backend's Python packages are installed, else why not (with the hint).
@@ -97,12 +100,15 @@ REGISTRY: dict[str, BackendSpec] = {
                     ORT_INSTALL_HINT, "fcn-deploy export model.pt"),
         BackendSpec("ort-fp16", "fp16", "onnx", _ort_factory("ort-fp16"), ("onnxruntime",),
                     ORT_INSTALL_HINT, "fcn-deploy export model.pt --fp16"),
+        BackendSpec("ort-int8", "int8", "onnx", _ort_factory("ort-int8"), ("onnxruntime",),
+                    ORT_INSTALL_HINT, "fcn-deploy export model.pt --int8 --voc-root DIR (or --calib PHOTOS)"),
+        # CPU only: uint8 activations (onnxruntime fuses every conv); TensorRT refuses its zero points
+        BackendSpec("ort-int8-cpu", "int8", "onnx", _ort_factory("ort-int8-cpu"), ("onnxruntime",),
+                    ORT_INSTALL_HINT, "fcn-deploy export model.pt --int8-cpu --voc-root DIR (or --calib PHOTOS)",
+                    onnx_tag="int8-cpu"),
         BackendSpec("trt", None, "engine", _trt_factory, ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"),
                     "pip install 'fcn-deploy[trt]' (TensorRT) or 'fcn-deploy[rtx]'",
                     "fcn-deploy build-engine --fp16"),
-        # Next: BackendSpec("ort-int8", "int8", "onnx", _ort_factory("ort-int8"), ("onnxruntime",),
-        #                   ORT_INSTALL_HINT, "<the command that writes export/fcn.int8.onnx>")
-        # -- the chain already names its artifact export/fcn.int8.onnx (chain.int8_onnx_path).
     )
 }
 

@@ -3,9 +3,13 @@
 One recipe serves every flavour: the ONNX is parsed into a *strongly typed* network (required by
 TensorRT 11, which removed ``BuilderFlag.FP16``; opted into on TensorRT 10 and TensorRT-RTX), so
 an FP16 engine comes from the FP16 ONNX of :func:`fcn_deploy.export.convert_fp16` (float32 IO,
-FP16 inside; made or remade beside the FP32 export when absent or stale) and an FP32 engine from
+FP16 inside; made or remade beside the FP32 export when absent or stale), an FP32 engine from
 the FP32 export, with TF32 switched off (it moved 0.1% of argmax pixels on an H200, see
-docs/architecture.md). The engine is written with its sidecar (:mod:`fcn_deploy.trt.sidecar`).
+docs/architecture.md), and an INT8 engine from the calibrated QDQ ONNX of ``export --int8``
+(:mod:`fcn_deploy.quantize`; explicit quantization: the Q/DQ scales type every int8 tensor, no
+``BuilderFlag.INT8``, which TensorRT 11 and TensorRT-RTX do not have). The INT8 ONNX cannot be
+made here (calibration needs real images): it must exist beside the FP32 export and be fresh.
+The engine is written with its sidecar (:mod:`fcn_deploy.trt.sidecar`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from fcn_deploy import __version__
-from fcn_deploy.errors import ArtifactNotFoundError, EngineError, UsageError
+from fcn_deploy.errors import ArtifactNotFoundError, EngineError, StaleArtifactError, UsageError
 from fcn_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
 from fcn_deploy.trt.flavour import TRT_TO_NUMPY, collecting_logger, gc_paused, resolve_flavour
 from fcn_deploy.trt.sidecar import (
@@ -120,9 +124,24 @@ def _fp16_onnx(onnx_path: Path, onnx_sha: str) -> tuple[Path, bool]:
     return convert_fp16(onnx_path, fp16, force=True), True
 
 
+def _int8_onnx(onnx_path: Path) -> Path:
+    """The INT8 child ``<stem>.int8.onnx`` of an FP32 export; it must exist and descend from the
+    export as it is now (it is never made here: calibration needs real images)."""
+    from fcn_deploy.chain import int8_onnx_path, onnx_staleness
+
+    int8 = int8_onnx_path(onnx_path)
+    make = f"fcn-deploy export <checkpoint> -o {onnx_path} --int8 --voc-root DIR (or --calib PHOTOS)"
+    if not int8.is_file():
+        raise ArtifactNotFoundError(f"INT8 ONNX {int8} not found (calibration needs real images); make it with `{make}`")
+    reason = onnx_staleness(int8, onnx_path, parent_required=True)
+    if reason:
+        raise StaleArtifactError(reason)
+    return int8
+
+
 def _check_build_args(precision, workspace_mib, min_batch, opt_batch, max_batch) -> None:
     if precision not in PRECISIONS:
-        raise UsageError(f"precision must be fp16 or fp32, not {precision!r}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise UsageError(
             f"--min-batch {min_batch} <= --opt-batch {opt_batch} <= --max-batch {max_batch} must hold (all >= 1)"
@@ -151,9 +170,11 @@ def build_engine(
 
     Args:
         onnx_path: the FP32 export (its FP16 child ``<stem>.fp16.onnx`` is made beside it when
-            ``precision="fp16"`` and it is absent or stale), or an FP16 ONNX directly.
+            ``precision="fp16"`` and it is absent or stale; its INT8 child ``<stem>.int8.onnx``
+            must exist and be fresh for ``precision="int8"``), or an FP16 / INT8 ONNX directly.
         output: engine path; default ``engines_dir/<name showing precision, flavour, target>``.
-        precision: ``"fp16"`` or ``"fp32"``; both networks are strongly typed, IO stays float32.
+        precision: ``"fp16"``, ``"fp32"`` or ``"int8"``; every network is strongly typed, IO
+            stays float32.
         flavour: ``"auto"``, ``"tensorrt"`` or ``"rtx"``.
         workspace_mib: workspace memory-pool limit (MiB); TensorRT's default when ``None``.
         min_batch, opt_batch, max_batch: optimisation profile of a dynamic batch dimension.
@@ -167,10 +188,19 @@ def build_engine(
     if not onnx_path.is_file():
         raise ArtifactNotFoundError(f"ONNX {onnx_path} not found; run fcn-deploy export first")
     from fcn_deploy.artifacts import parent_ref, read_artifact_meta
+    from fcn_deploy.chain import onnx_staleness
 
     meta = read_artifact_meta(onnx_path)
-    if meta.get("precision") == "fp16" and precision != "fp16":
-        raise UsageError(f"{onnx_path} is an FP16 ONNX; pass --fp16 or give the FP32 export")
+    derived = meta.get("precision") if meta.get("precision") in ("fp16", "int8") else None
+    if derived is not None and precision != derived:
+        raise UsageError(f"{onnx_path} is an {derived.upper()} ONNX; pass --{derived} or give the FP32 export")
+    if derived == "int8" and (meta.get("calibration") or {}).get("symmetric") is False:
+        raise UsageError(f"{onnx_path} is the CPU-only INT8 ONNX (uint8 activations with zero points, which "
+                         "TensorRT refuses); build from the symmetric <stem>.int8.onnx of `export --int8`")
+    if derived == "int8":
+        reason = onnx_staleness(onnx_path)  # against the FP32 export it records, when that exists
+        if reason:
+            raise StaleArtifactError(reason)
     if flv.portable:
         target = {"portable": True, "compute_capabilities": flv.default_targets(trt), "gpu": None}
     else:
@@ -184,8 +214,11 @@ def build_engine(
 
     given = parent_ref(onnx_path)
     fp16_written = None
-    if meta.get("precision") == "fp16":
+    if derived is not None:
         build_from, parent, source = onnx_path, given, dict(meta["parent"])
+    elif precision == "int8":
+        build_from = _int8_onnx(onnx_path)
+        parent, source = parent_ref(build_from), given
     elif precision == "fp16":
         build_from, written = _fp16_onnx(onnx_path, given["sha256"])
         fp16_written = build_from if written else None

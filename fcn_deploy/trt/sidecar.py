@@ -7,7 +7,7 @@ Sidecar ``<engine>.json`` (``format`` "fcn-deploy-engine")::
      "target": {"portable", "compute_capabilities": ["8.6", ...], "gpu": name or null},
      "io": {"inputs": [{"name", "shape", "dtype"}], "outputs": [...]},   # -1 = dynamic batch
      "profile": {"input", "min", "opt", "max"}, "labels_output": "labels" or null,
-     "parent": {"path", "sha256"},    # the ONNX the engine was parsed from
+     "parent": {"path", "sha256"},    # the ONNX the engine was parsed from (fp16/int8: <stem>.<p>.onnx)
      "source": {"path", "sha256"},    # the FP32 export it descends from (== parent for fp32)
      "build": {"seconds", "workspace_mib", "tf32", "timing_cache"},
      "classes", "colormap", "mean", "std", "tile_hw", "num_classes", "fcn_deploy_version"}
@@ -41,7 +41,10 @@ ENGINE_FORMAT_VERSION = 1
 LABELS_OUTPUT = "labels"
 #: Artifact metadata copied from the ONNX into every sidecar.
 META_KEYS = ("classes", "colormap", "mean", "std", "tile_hw", "num_classes")
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "fp32", "int8")
+#: Which precision :func:`find_engine` prefers when none is asked for: FP16, then FP32; an INT8
+#: engine (calibrated, larger accuracy cost: docs/architecture.md) only when it is the one that fits.
+PREFERENCE = {"fp16": 2, "fp32": 1, "int8": 0}
 
 
 # --- machine facts (impure) ----------------------------------------------------------------------
@@ -180,8 +183,8 @@ def engine_mismatch(
     Args:
         sidecar: the engine's sidecar dict.
         machine: :func:`machine_facts` output.
-        precision: ``"fp16"``/``"fp32"`` when the caller wants one, else any.
-        onnx_sha256: sha256 of the current ONNX (FP32 export or its FP16 child); an engine built
+        precision: ``"fp16"``/``"fp32"``/``"int8"`` when the caller wants one, else any.
+        onnx_sha256: sha256 of the current ONNX (FP32 export or its FP16/INT8 child); an engine built
             from another one is stale.
     """
     if sidecar.get("format_version") != ENGINE_FORMAT_VERSION:
@@ -238,7 +241,7 @@ def find_engine(
     Fits = its flavour and version are installed, this GPU's compute capability is one it was
     built for, its precision is ``precision`` (if given) and it descends from ``onnx_path`` (if
     given; else from the export its sidecar names, when that file still exists). Among fitting
-    engines FP16 beats FP32, then a GPU-specific build beats a portable one, then the newest
+    engines FP16 beats FP32 beats INT8 (:data:`PREFERENCE`), then a GPU-specific build beats a portable one, then the newest
     (modification time) wins, then the first by file name.
 
     Raises :class:`BackendUnavailableError` when this machine has no NVIDIA GPU (no engine can run
@@ -247,7 +250,7 @@ def find_engine(
     an old ONNX).
     """
     if precision is not None and precision not in PRECISIONS:
-        raise UsageError(f"precision must be fp16 or fp32, not {precision!r}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     machine = machine if machine is not None else machine_facts()
     gpu = machine.get("gpu")
     if gpu is None:
@@ -275,7 +278,7 @@ def find_engine(
         except (KeyError, TypeError) as exc:
             reason = f"incomplete sidecar (missing {exc})"
         if reason is None:
-            rank = (sidecar["precision"] == "fp16", not sidecar["target"]["portable"], engine.stat().st_mtime)
+            rank = (PREFERENCE.get(sidecar["precision"], -1), not sidecar["target"]["portable"], engine.stat().st_mtime)
             fitting.append((rank, engine))
         else:
             reasons.append(f"{engine.name}: {reason}")
