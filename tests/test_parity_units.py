@@ -153,6 +153,10 @@ def test_p99_of_zero_tiny_and_huge_differences():
     assert compare_logits(ref, tiny)["p99_abs"] == pytest.approx(1e-12)
     huge = np.full((1, 1, 1, 4), 1e7, np.float32)  # above the range: the maximum, never below it
     assert compare_logits(ref, huge)["p99_abs"] == pytest.approx(1e7)
+    near = np.full((1, 1, 1, 200), 985000.0, np.float32)  # in the last bin but one (below 1e6)
+    near[..., -1] = 5e6
+    p99 = compare_logits(np.zeros_like(near), near)["p99_abs"]
+    assert 985000.0 <= p99 <= 985000.0 * 1.0091  # that bin's edge, not the maximum
     hist = np.zeros(16 * 256 + 1, dtype=np.int64)
     hist[-1] = 1
     assert histogram_quantile(hist, 0.99, 5e8) == 5e8
@@ -263,3 +267,47 @@ def test_off_drops_a_limit_and_a_registered_precision_gets_a_table():
     assert parse_thresholds([]) == parse_thresholds(None) == {
         "fp32": {"agreement": 99.99, "max_abs": 1e-3}, "fp16": {"agreement": 99.5, "miou_gt_change": 0.5}}
     assert parse_thresholds(["fp32.mean_abs=1e-4", "fp32.mean_abs=2e-4"])["fp32"]["mean_abs"] == 2e-4
+
+
+def test_equal_logits_and_absent_classes_warn_nothing():
+    """log10(0) of equal logits and 0/0 IoUs of absent classes are expected, not warnings."""
+    import warnings
+
+    ref = _logits(np.zeros((1, 2, 2), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = compare_logits(ref, ref.copy())
+        acc = ParityAccumulator(3)
+        acc.update(ref, ref.copy(), labels=np.zeros((1, 2, 2), dtype=np.uint8))
+        acc.result()
+    assert res["max_abs"] == 0.0 and res["p99_abs"] == 0.0 and res["miou_vs_reference"] == 100.0
+
+
+def test_p99_among_zero_differences_is_the_lowest_edge():
+    """Values under 1e-10 (here exact zeros) report as 1e-10 when a larger maximum does not cap them."""
+    out = np.zeros((1, 1, 1, 200), np.float32)
+    out[..., -1] = 1.0
+    assert compare_logits(np.zeros_like(out), out)["p99_abs"] == pytest.approx(1e-10, rel=1e-9)
+
+
+def test_mean_is_summed_in_float64():
+    out = np.array([2.0 ** 24, 1.0], np.float32).reshape(1, 1, 1, 2)  # float32 sums 2^24 + 1 to 2^24
+    assert compare_logits(np.zeros_like(out), out)["mean_abs"] == (2.0 ** 24 + 1) / 2
+
+
+def test_cosine_of_small_logits():
+    """Logits under 1 give a product of norms under 1: still a cosine, not the zero-vector case."""
+    ref = np.full((1, 2, 1, 2), 0.1, np.float32)
+    assert compare_logits(ref, ref.copy())["cosine_min"] == pytest.approx(1.0)
+    out = ref.copy()
+    out[0, 0] = -0.1
+    assert compare_logits(ref, out)["cosine_min"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_labels_all_ignored_give_no_ground_truth_miou():
+    ref = _logits(np.zeros((1, 2, 2), dtype=np.uint8))
+    acc = ParityAccumulator(3)
+    acc.update(ref, ref.copy(), labels=np.full((1, 2, 2), 255, dtype=np.uint8))
+    res = acc.result()
+    assert res["miou_gt_reference"] is None and res["miou_gt_backend"] is None and res["miou_gt_change"] is None
+    assert res["miou_vs_reference"] == 100.0
