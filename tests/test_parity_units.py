@@ -311,3 +311,38 @@ def test_labels_all_ignored_give_no_ground_truth_miou():
     res = acc.result()
     assert res["miou_gt_reference"] is None and res["miou_gt_backend"] is None and res["miou_gt_change"] is None
     assert res["miou_vs_reference"] == 100.0
+
+
+def test_four_worst_tiles_are_kept_by_default():
+    ref_lab = np.zeros((6, 2, 2), dtype=np.uint8)
+    out_lab = ref_lab.copy()
+    out_lab[:, 0, 0] = 1  # every tile disagrees somewhere
+    acc = ParityAccumulator(3)
+    acc.update(_logits(ref_lab), _logits(out_lab))
+    assert [w.index for w in acc.worst_tiles()] == [0, 1, 2, 3]
+
+
+def test_differences_are_taken_in_float32():
+    """The documented precision: float32 differences (1e8 - 1 rounds to 1e8), float64 sums."""
+    ref = np.full((1, 1, 1, 1), 1e8, np.float32)
+    out = np.ones((1, 1, 1, 1), np.float32)
+    assert compare_logits(ref, out)["max_abs"] == float(np.float32(1e8) - np.float32(1.0)) == 1e8
+    assert compare_logits(out, ref)["max_abs"] == 1e8
+
+
+def test_void_and_padding_are_left_out_even_with_256_classes():
+    """Class id 255 is the ignore label of targets: padding (reference side) and void (labels)
+    never count, even when 255 is also a channel."""
+    ref = np.zeros((1, 256, 1, 2), np.float32)
+    ref[0, 0] = 1.0  # the reference says class 0 everywhere
+    out = np.zeros_like(ref)
+    out[0, 0, 0, 0] = 1.0
+    out[0, 7, 0, 1] = 1.0  # the backend says 7 on the padding pixel
+    acc = ParityAccumulator(256)
+    acc.update(ref, out, labels=np.array([[[0, 255]]], dtype=np.uint8), valid=np.array([[[True, False]]]))
+    res = acc.result()
+    assert res["miou_vs_reference"] == 100.0 and res["pixels"] == 1
+    assert res["miou_gt_reference"] == 100.0 and res["miou_gt_backend"] == 100.0
+    both = ParityAccumulator(256)  # no padding, a void label on the pixel where they differ
+    both.update(ref, out, labels=np.array([[[0, 255]]], dtype=np.uint8))
+    assert both.result()["miou_gt_backend"] == 100.0 and both.result()["miou_gt_change"] == 0.0
