@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fcn_deploy.parity.metrics import ParityAccumulator, compare_logits, histogram_quantile
-from fcn_deploy.parity.thresholds import apply_thresholds, parse_thresholds
-from fcn_deploy.errors import UsageError
+from fcn_deploy.parity.thresholds import apply_thresholds, parse_thresholds, raise_on_failures
+from fcn_deploy.errors import UsageError, VerificationError
 
 
 def _logits(labels: np.ndarray, c: int = 3, value: float = 2.0) -> np.ndarray:
@@ -208,7 +208,7 @@ def test_outcome_records_value_limit_and_op():
     assert nonfinite.message == "ort: non-finite (NaN/inf) logits 0 <= 0"
     assert agreement.message == "ort: argmax agreement 99.00% < 99.99% (short by 0.99 points)"
     missing = apply_thresholds("ort", "fp16", {"agreement": 100.0}, parse_thresholds(None))[2]
-    assert (missing.metric, missing.value, missing.passed) == ("miou_gt_change", None, True)
+    assert (missing.metric, missing.value, missing.limit, missing.passed) == ("miou_gt_change", None, 0.5, True)
     assert missing.message == "ort: mIoU change vs ground truth not checked (no data)"
 
 
@@ -346,3 +346,37 @@ def test_void_and_padding_are_left_out_even_with_256_classes():
     both = ParityAccumulator(256)  # no padding, a void label on the pixel where they differ
     both.update(ref, out, labels=np.array([[[0, 255]]], dtype=np.uint8))
     assert both.result()["miou_gt_backend"] == 100.0 and both.result()["miou_gt_change"] == 0.0
+
+
+def test_a_negative_cosine_is_not_taken_as_its_absolute_value():
+    """Only changes (points) compare |value|; a cosine of -0.5 is below a limit of 0.3."""
+    assert not _verdicts("fp32", {"agreement": 100.0, "cosine_min": -0.5}, ["fp32.cosine_min=0.3"])["cosine_min"]
+
+
+def test_values_closer_than_eight_decimals_print_with_eight():
+    (out,) = apply_thresholds("b", "fp32", {"agreement": 99.99 - 1e-10}, parse_thresholds(["fp32.max_abs=off"]))[1:]
+    assert not out.passed
+    assert out.message == "b: argmax agreement 99.99000000% < 99.99000000% (short by 0.00000000 points)"
+
+
+def test_the_failure_lists_every_failed_metric_of_every_backend():
+    limits = parse_thresholds(None)
+    outcomes = {"ort": apply_thresholds("ort", "fp32", {"agreement": 99.0, "max_abs": 2e-3}, limits),
+                "trt": apply_thresholds("trt", "fp16", {"agreement": 99.6, "miou_gt_change": 1.0}, limits)}
+    with pytest.raises(VerificationError) as err:
+        raise_on_failures(outcomes)
+    assert str(err.value) == (
+        "parity check failed: ort: argmax agreement 99.00% < 99.99% (short by 0.99 points); "
+        "ort: max abs logit difference 2.00e-03 > 1.00e-03 (over by 1.00e-03); "
+        "trt: mIoU change vs ground truth 1.00 points > 0.50 points (over by 0.50 points)")
+
+
+def test_a_registered_backend_precision_takes_thresholds(monkeypatch):
+    from types import SimpleNamespace
+
+    from fcn_deploy.runners.registry import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "ort-int8", SimpleNamespace(precision="int8"))
+    assert parse_thresholds(["int8.agreement=99"])["int8"] == {"agreement": 99.0}
+    with pytest.raises(UsageError, match="choose from fp32, fp16, int8$"):
+        parse_thresholds(["bf16.agreement=99"])
