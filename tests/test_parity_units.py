@@ -380,3 +380,10 @@ def test_a_registered_backend_precision_takes_thresholds(monkeypatch):
     assert parse_thresholds(["int8.agreement=99"])["int8"] == {"agreement": 99.0}
     with pytest.raises(UsageError, match="choose from fp32, fp16, int8$"):
         parse_thresholds(["bf16.agreement=99"])
+
+
+def test_the_first_equals_and_the_first_dot_split_an_override():
+    with pytest.raises(UsageError, match=r"'1=2' is not a number"):
+        parse_thresholds(["fp32.max_abs=1=2"])
+    with pytest.raises(UsageError, match=r"unknown metric 'max_abs.x'"):
+        parse_thresholds(["fp32.max_abs.x=1"])
