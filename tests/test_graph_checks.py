@@ -182,15 +182,52 @@ def test_io_names_dtype_and_shapes_are_checked():
         _check(_model(), num_classes=3)
 
 
-def test_declared_output_must_be_float32():
+def test_declared_output_must_be_float32_and_the_expected_shape():
     model = _model()
     model.graph.output[0].type.tensor_type.elem_type = TensorProto.DOUBLE
-    with pytest.raises(ExportError, match="graph check"):
+    with pytest.raises(ExportError, match=r"^graph check 'onnx.checker' failed: .*differs from existing elem type"):
         _check(model)
+    fixed = _model()  # a fixed batch declared on the output of a dynamic-batch graph
+    fixed.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 4
+    with pytest.raises(ExportError, match=r"^graph check 'output shape' failed: declared logits float32 "
+                                          r"\[4, 2, 64, 64\], expected float32 \[-1, 2, 64, 64\]$"):
+        _check(fixed)
 
 
-def test_checker_failure_names_the_check():
+def test_checker_failure_names_the_check_and_its_reason():
     model = _model()
     model.graph.node[0].input[0] = "no_such_tensor"
-    with pytest.raises(ExportError, match="^graph check 'onnx.checker' failed: "):
+    with pytest.raises(ExportError, match="^graph check 'onnx.checker' failed: .*'no_such_tensor'"):
         _check(model)
+
+
+def test_the_full_checker_runs_shape_inference():
+    """A recorded intermediate shape that contradicts the graph passes the plain checker only."""
+    model = _model()
+    model.graph.value_info.append(helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", K, 3, 3]))
+    onnx.checker.check_model(model)
+    with pytest.raises(ExportError, match=r"^graph check 'onnx.checker' failed: .*Inferred shape and existing shape differ"):
+        _check(model)
+
+
+def test_an_upsample_beside_the_convtranspose_is_rejected():
+    scales = numpy_helper.from_array(np.ones(4, np.float32), "scales")
+    up = helper.make_node("Upsample", ["logits_raw", "scales"], ["up"], mode="nearest")
+    model = _model(extra_nodes=[up], extra_inits=[scales], last="up")
+    model.opset_import[0].version = 9  # Upsample's last opset
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(ExportError, match="found 1 ConvTranspose and 1 Resize/Upsample"):
+        _check(model)
+
+
+def test_the_check_leaves_the_model_unchanged():
+    model = _model()
+    before = model.SerializeToString()
+    _check(model, transpose_weight=_weights()[1])
+    assert model.SerializeToString() == before
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim][1:] == [K, H, W]
+
+
+def test_a_float64_reference_is_compared_at_float32():
+    ref = _weights()[1].astype(np.float64) + 1e-12  # the same float32 values once rounded
+    _check(_model(), transpose_weight=ref)
