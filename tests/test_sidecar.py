@@ -144,6 +144,9 @@ def test_no_gpu_fails_before_looking_at_engines(tmp_path):
     with pytest.raises(BackendUnavailableError, match=r"^no NVIDIA GPU on this machine \(a broken driver\)"):
         find_engine(tmp_path / "missing", machine=no_gpu)
     assert no_gpu_message(None).startswith("no NVIDIA GPU on this machine (torch sees no CUDA device): ")
+    assert no_gpu_message("why") == (
+        "no NVIDIA GPU on this machine (why): TensorRT engines run only on an NVIDIA GPU; "
+        "use --backend ort to run the ONNX with onnxruntime on the CPU")
 
 
 # -- why an engine does not fit ---------------------------------------------------------------
@@ -189,6 +192,9 @@ def test_names():
     assert target_tag(PORTABLE) == "portable"
     assert target_tag({"portable": False, "compute_capabilities": ["9.0", "8.6"], "gpu": "  NVIDIA  H100 (SXM)!"}) == (
         "sm90-NVIDIA_H100_SXM")
+    assert target_tag({"portable": False, "compute_capabilities": ["8.9"], "gpu": "NVIDIA GeForce RTX 4090"}) == (
+        "sm89-NVIDIA_GeForce_RTX_4090")
+    assert target_tag({"portable": False, "compute_capabilities": ["7.5"], "gpu": "_Quadro RTX_"}) == "sm75-Quadro_RTX"
     assert target_tag({"portable": False, "compute_capabilities": ["8.9"], "gpu": None}) == "sm89"
     assert target_tag({"portable": False, "compute_capabilities": ["8.9"]}) == "sm89"
     assert engine_filename("net", "fp32", FLAVOURS["tensorrt"], "10.13.0.35", H100) == (
@@ -262,6 +268,9 @@ def test_gpu_info_and_machine_facts(two_gpus, monkeypatch):
 
     monkeypatch.setitem(FLAVOURS, "rtx", SimpleNamespace(load=missing))
     assert mod.machine_facts(0, flavours=["rtx"])["trt"] == {"rtx": None}
+    monkeypatch.setitem(FLAVOURS, "tensorrt", SimpleNamespace(load=lambda: SimpleNamespace(__version__="10.13.0.35")))
+    facts = mod.machine_facts()  # every flavour, device 0
+    assert facts["trt"] == {"tensorrt": "10.13.0.35", "rtx": None} and facts["gpu"]["name"] == "NVIDIA H100"
 
 
 def test_no_gpu_reason_of_a_raising_driver(monkeypatch):
@@ -278,5 +287,12 @@ def test_no_gpu_reason_of_a_raising_driver(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "init", lambda: None)
     assert mod.no_gpu_reason() == "torch sees no CUDA device"
+
+    def no_gpus():
+        raise RuntimeError(" No CUDA GPUs are available. ")
+
+    monkeypatch.setattr(torch.cuda, "init", no_gpus)
+    assert mod.no_gpu_reason() == "torch sees no CUDA device: No CUDA GPUs are available"
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
     facts = mod.machine_facts(flavours=[])
     assert facts == {"trt": {}, "gpu": None, "gpu_error": "torch sees no CUDA device"}
