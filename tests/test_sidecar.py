@@ -293,6 +293,18 @@ def test_no_gpu_reason_of_a_raising_driver(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "init", no_gpus)
     assert mod.no_gpu_reason() == "torch sees no CUDA device: No CUDA GPUs are available"
+    monkeypatch.setattr(torch.cuda, "init", lambda: (_ for _ in ()).throw(RuntimeError("No driver for XX. Try again.")))
+    assert mod.no_gpu_reason() == "torch sees no CUDA device: No driver for XX"  # the first sentence only
     monkeypatch.setattr(torch.cuda, "init", lambda: None)
     facts = mod.machine_facts(flavours=[])
     assert facts == {"trt": {}, "gpu": None, "gpu_error": "torch sees no CUDA device"}
+
+
+def test_default_folder_and_this_machine_s_facts(tmp_path, monkeypatch):
+    from fcn_deploy.trt import sidecar as mod
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mod, "machine_facts", lambda *a, **k: FACTS)
+    (tmp_path / "engines").mkdir()
+    chosen = write_engine(tmp_path / "engines", "fcn.engine", sidecar())
+    assert find_engine().resolve() == chosen.resolve()
