@@ -308,3 +308,11 @@ def test_default_folder_and_this_machine_s_facts(tmp_path, monkeypatch):
     (tmp_path / "engines").mkdir()
     chosen = write_engine(tmp_path / "engines", "fcn.engine", sidecar())
     assert find_engine().resolve() == chosen.resolve()
+
+
+def test_the_build_hint_names_the_precision_asked_for(tmp_path):
+    write_engine(tmp_path, "a.engine", sidecar(version="1.0.0.1"))  # another TensorRT-RTX version
+    write_engine(tmp_path, "b.engine", sidecar(precision="fp32", version="1.0.0.1"))
+    for precision, flag in ((None, "--fp16"), ("fp32", "--fp32"), ("fp16", "--fp16")):
+        with pytest.raises(EngineError, match=rf"; build one here with: fcn-deploy build-engine {flag}$"):
+            find_engine(tmp_path, precision=precision, machine=FACTS)
