@@ -235,3 +235,22 @@ def test_resolve_engine(chain, tmp_path, monkeypatch):
     with pytest.raises(ArtifactNotFoundError, match=rf"^{tmp_path}/none/fcn.onnx not found, so no engine can be "
                                                    rf"matched to {ckpt} \(run `fcn-deploy export {ckpt}`\)$"):
         resolve("trt", export_dir=tmp_path / "none", engines_dir=engines, checkpoint=ckpt)
+
+
+def test_a_named_checkpoint_that_is_absent_makes_the_export_unverifiable(chain, tmp_path):
+    _, fp32, _ = chain
+    gone = tmp_path / "gone.pt"
+    assert resolve("ort", export_dir=fp32.parent, checkpoint=gone).stale == (
+        f"{fp32} cannot be matched to its parent: {gone} not found")
+
+
+def test_a_copied_export_folder_is_checked_against_its_own_fp32(chain, tmp_path):
+    """The fp16 ONNX's parent is the fcn.onnx beside it, not the path its metadata recorded."""
+    import shutil
+
+    ckpt, fp32, _ = chain
+    copy = tmp_path / "copy"
+    shutil.copytree(fp32.parent, copy)
+    write_onnx(fp32, ckpt, sha="1" * 64)  # the original folder's fcn.onnx changes
+    assert resolve("ort-fp16", export_dir=copy).stale is None
+    assert "fcn.fp16.onnx is stale" in resolve("ort-fp16", export_dir=fp32.parent).stale
