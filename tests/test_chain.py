@@ -254,3 +254,37 @@ def test_a_copied_export_folder_is_checked_against_its_own_fp32(chain, tmp_path)
     write_onnx(fp32, ckpt, sha="1" * 64)  # the original folder's fcn.onnx changes
     assert resolve("ort-fp16", export_dir=copy).stale is None
     assert "fcn.fp16.onnx is stale" in resolve("ort-fp16", export_dir=fp32.parent).stale
+
+
+def test_an_fp16_onnx_alone_is_checked_against_the_fp32_it_records(chain, tmp_path):
+    ckpt, fp32, fp16 = chain
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "fcn.fp16.onnx").write_bytes(fp16.read_bytes())
+    assert resolve("ort-fp16", export_dir=alone).stale is None
+    write_onnx(fp32, ckpt, sha="1" * 64)  # the recorded fcn.onnx (not beside it) changes
+    assert "fcn.fp16.onnx is stale: made from a fcn.onnx" in resolve("ort-fp16", export_dir=alone).stale
+
+
+def test_an_fp16_onnx_with_a_named_checkpoint_that_is_absent(chain, tmp_path):
+    _, fp32, _ = chain
+    gone = tmp_path / "gone.pt"
+    assert resolve("ort-fp16", export_dir=fp32.parent, checkpoint=gone).stale == (
+        f"{fp32} cannot be matched to its parent: {gone} not found")
+
+
+def test_resolve_engine_with_an_absent_checkpoint_and_a_precision(chain, tmp_path, monkeypatch):
+    import fcn_deploy.trt.sidecar as sidecar
+    from fcn_deploy.errors import EngineError
+
+    monkeypatch.setattr(sidecar, "machine_facts", lambda *a, **k: FACTS)
+    ckpt, fp32, _ = chain
+    export, engines = fp32.parent, tmp_path / "engines"
+    engine = write_engine(engines, fp32, sha256_file(fp32))
+    gone = tmp_path / "gone.pt"
+    res = resolve("trt", export_dir=export, engines_dir=engines, checkpoint=gone)
+    assert res == Resolved("trt", fp32, "engine", None, f"{fp32} cannot be matched to its parent: {gone} not found")
+    assert resolve("trt", export_dir=export, engines_dir=engines, precision="fp16") == (
+        Resolved("trt", engine, "engine", "fp16"))
+    with pytest.raises(EngineError, match="fcn.fp16.engine: fp16 engine, fp32 asked for"):
+        resolve("trt", export_dir=export, engines_dir=engines, precision="fp32")
