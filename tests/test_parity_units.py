@@ -136,13 +136,13 @@ def test_histogram_quantile_rank_and_cap():
     hist = np.zeros(8, dtype=np.int64)
     hist[2], hist[5] = 99, 1  # 100 values: the 99th smallest is in bin 2, the 100th in bin 5
     edge2, edge5 = 10.0 ** (-10 + 2 / 256), 10.0 ** (-10 + 5 / 256)
-    assert histogram_quantile(hist, 0.99, 1.0) == pytest.approx(edge2, rel=1e-12)
-    assert histogram_quantile(hist, 1.0, 1.0) == pytest.approx(edge5, rel=1e-12)
-    assert histogram_quantile(hist, 0.0, 1.0) == pytest.approx(edge2, rel=1e-12)  # rank at least 1
+    assert histogram_quantile(hist, 0.99, 1.0) == pytest.approx(edge2, rel=1e-12, abs=0)
+    assert histogram_quantile(hist, 1.0, 1.0) == pytest.approx(edge5, rel=1e-12, abs=0)
+    assert histogram_quantile(hist, 0.0, 1.0) == pytest.approx(edge2, rel=1e-12, abs=0)  # rank at least 1
     assert histogram_quantile(hist, 0.99, 1e-12) == 1e-12  # capped at the maximum
     one = np.zeros(8, dtype=np.int64)
     one[0] = 1
-    assert histogram_quantile(one, 0.5, 1.0) == pytest.approx(1e-10)
+    assert histogram_quantile(one, 0.5, 1.0) == pytest.approx(1e-10, abs=0)
 
 
 def test_p99_of_zero_tiny_and_huge_differences():
@@ -150,7 +150,7 @@ def test_p99_of_zero_tiny_and_huge_differences():
     assert compare_logits(ref, ref)["p99_abs"] == 0.0  # all equal: capped at max_abs 0
     tiny = ref.copy()
     tiny[..., :] = 1e-12  # under the histogram's range: reported as its lowest edge, capped at max
-    assert compare_logits(ref, tiny)["p99_abs"] == pytest.approx(1e-12)
+    assert compare_logits(ref, tiny)["p99_abs"] == float(np.float32(1e-12))  # capped at the maximum
     huge = np.full((1, 1, 1, 4), 1e7, np.float32)  # above the range: the maximum, never below it
     assert compare_logits(ref, huge)["p99_abs"] == pytest.approx(1e7)
     near = np.full((1, 1, 1, 200), 985000.0, np.float32)  # in the last bin but one (below 1e6)
@@ -287,7 +287,7 @@ def test_p99_among_zero_differences_is_the_lowest_edge():
     """Values under 1e-10 (here exact zeros) report as 1e-10 when a larger maximum does not cap them."""
     out = np.zeros((1, 1, 1, 200), np.float32)
     out[..., -1] = 1.0
-    assert compare_logits(np.zeros_like(out), out)["p99_abs"] == pytest.approx(1e-10, rel=1e-9)
+    assert compare_logits(np.zeros_like(out), out)["p99_abs"] == pytest.approx(1e-10, rel=1e-9, abs=0)
 
 
 def test_mean_is_summed_in_float64():
