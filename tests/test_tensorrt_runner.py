@@ -471,3 +471,21 @@ def test_device_argument():
     assert TensorRTRunner("x.engine", device="cuda:2").device == "cuda:2"
     with pytest.raises(Exception, match="cuda:N"):
         TensorRTRunner("x.engine", device="gpu")
+
+
+def test_results_outlive_the_next_batch_and_execute_gets_the_runner_s_stream(fake_engine_file):
+    """Labels and logits are copies, not views of the engine's buffers that the next batch
+    overwrites; every execute is queued on the runner's own stream handle."""
+    trt = FakeTrt(labels=True)
+    tiles = np.random.default_rng(1).standard_normal((4, 3, TH, TW), dtype=np.float32)
+    runner = TensorRTRunner(fake_engine_file, device="cpu", trt=trt)
+    with runner:
+        labels = runner.infer(tiles[:2], output="labels")
+        logits = runner.infer(tiles[:2])
+        kept_labels, kept_logits = labels.copy(), logits.copy()
+        runner.infer(-tiles[2:4], output="labels")
+        runner.infer(-tiles[2:4])
+        handle = runner._stream.handle
+    np.testing.assert_array_equal(labels, kept_labels)
+    np.testing.assert_array_equal(logits, kept_logits)
+    assert [c[1] for c in trt.calls if c[0] == "execute_async_v3"] == [handle] * 4
