@@ -63,3 +63,12 @@ def test_parse_trt_device(device, expected):
 def test_parse_trt_device_refusals(device):
     with pytest.raises(FcnDeployError, match=rf"^trt: device must be N, cuda or cuda:N, not {device!r}$"):
         parse_trt_device(device)
+
+
+def test_host_streams_have_distinct_nonzero_handles():
+    """The CPU stand-in of a CUDA stream (fake TensorRT in tests): like a real stream, each has its
+    own non-zero handle, so a test can tell the runner's stream from the default one (0)."""
+    from fcn_deploy.trt.runtime import _HostStream
+
+    a, b = _HostStream(), _HostStream()
+    assert isinstance(a.handle, int) and a.handle != 0 and b.handle != 0 and a.handle != b.handle
