@@ -9,7 +9,7 @@ runs ``mutmut run`` there (one worker by default: CI-sized 2-core machines), and
 score. Survivors listed in ``mutation/equivalent.toml`` (with the reason they cannot change
 behaviour) count as equivalent, not as survivors.
 
-Usage: ``python mutation/run.py [MODULE ...] [--jobs N]`` (module as ``tiling``,
+Usage: ``python mutation/run.py [MODULE ...] [--jobs N] [--survivors]`` (module as ``tiling``,
 ``parity.metrics`` or ``fcn_deploy/tiling.py``; default: the whole scope). See docs/testing.md.
 """
 
@@ -92,15 +92,36 @@ def mutant_results(work: Path) -> dict[str, str]:
     return results
 
 
+def refresh_tests(module: str) -> tuple[Path, list[str]]:
+    """For ``--survivors``: the existing work folder of ``module`` with today's tests copied in, and
+    the names of its mutants that were not killed in the last run (the mutated package is kept:
+    valid only when the module itself did not change since)."""
+    work = WORK / short_name(module)
+    if not (work / "mutants").is_dir():
+        sys.exit(f"error: no earlier run in {work}; run without --survivors first")
+    if (work / "fcn_deploy" / Path(module).relative_to("fcn_deploy")).read_bytes() != (ROOT / module).read_bytes():
+        sys.exit(f"error: {module} changed since the run in {work}; run it afresh (without --survivors)")
+    shutil.rmtree(work / "tests")
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    names = [n for n, s in mutant_results(work).items() if s not in ("killed", "timeout", "segfault", "not checked")]
+    return work, names
+
+
 def run_module(module: str, tests: list[str], jobs: int, equivalent: dict[str, str],
-               only: list[str]) -> dict:
+               only: list[str], survivors: bool = False) -> dict:
     files = [module] + [t.split("::")[0] for t in tests if not t.startswith("-")]
     missing = [p for p in files if not (ROOT / p).is_file()]
     if missing:
         sys.exit(f"error: {', '.join(missing)} named in [tool.fcn-deploy.mutation.modules] not found")
-    work = prepare(module, tests)
+    if survivors:
+        work, only = refresh_tests(module)
+        if not only:
+            print(f"{module}: no survivors to re-run")
+    else:
+        work = prepare(module, tests)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *only], cwd=work)
+    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *only], cwd=work) \
+        if not survivors or only else subprocess.CompletedProcess([], 0)
     seconds = time.monotonic() - start
     if proc.returncode:
         sys.exit(f"error: mutmut failed on {module} (exit {proc.returncode}); see the output above")
@@ -126,6 +147,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="parallel mutant workers (default 1)")
     parser.add_argument("--only", action="append", default=[], metavar="GLOB",
                         help="mutmut mutant-name glob, e.g. 'fcn_deploy.voc.x_read_label*' (repeatable)")
+    parser.add_argument("--survivors", action="store_true",
+                        help="re-run only the last run's surviving mutants against today's tests "
+                             "(after adding tests; the module itself must be unchanged)")
     args = parser.parse_args()
     scope, equivalent = load_scope(), load_equivalent()
     chosen = args.modules or list(scope)
@@ -134,7 +158,7 @@ def main() -> None:
         module = next((m for m in scope if name in (m, short_name(m))), None)
         if module is None:
             sys.exit(f"error: {name} is not in [tool.fcn-deploy.mutation.modules] ({', '.join(scope)})")
-        summary.append(run_module(module, scope[module], args.jobs, equivalent, args.only))
+        summary.append(run_module(module, scope[module], args.jobs, equivalent, args.only, args.survivors))
     print("\nmodule                         mutants  killed  equivalent  survived  score   time")
     for s in summary:
         print(f"{s['module']:30} {s['mutants']:7} {s['killed']:7} {s['equivalent']:11} "

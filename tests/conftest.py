@@ -15,6 +15,20 @@ def _cuda_available() -> bool:
         return False
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has made its factory
+def pytest_configure(config):
+    """hypothesis writes its caches (example database, source constants) to ./.hypothesis by
+    default, i.e. into the working directory: point it into pytest's tmp folder of this session
+    (tests write only under pytest's tmp folders)."""
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:  # hypothesis is in the test extra
+        return
+    factory = getattr(config, "_tmp_path_factory", None)  # set by pytest's tmpdir plugin
+    if factory is not None:
+        set_hypothesis_home_dir(factory.mktemp("hypothesis", numbered=False))
+
+
 def pytest_collection_modifyitems(config, items):
     if _cuda_available():
         return

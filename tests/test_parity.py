@@ -368,7 +368,8 @@ def test_check_onnx_with_missing_or_escaping_external_data_is_one_line(checkpoin
     export = tmp_path / "export"
     external_data_onnx(export, location)
     res = CliRunner().invoke(cli, ["check", "--backend", "ort", "--model", str(checkpoint_path),
-                                   "--export-dir", str(export), "--synthetic", "2"])
+                                   "--export-dir", str(export), "--synthetic", "2",
+                                   "--disagreement-dir", str(tmp_path / "maps")])  # never ./check
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
     assert "Traceback" not in res.output
     line = [x for x in res.output.splitlines() if x.startswith("error:")]

@@ -471,3 +471,39 @@ def test_device_argument():
     assert TensorRTRunner("x.engine", device="cuda:2").device == "cuda:2"
     with pytest.raises(Exception, match="cuda:N"):
         TensorRTRunner("x.engine", device="gpu")
+
+
+def test_results_outlive_the_next_batch_and_execute_gets_the_runner_s_stream(fake_engine_file):
+    """Labels and logits are copies, not views of the engine's buffers that the next batch
+    overwrites; every execute is queued on the runner's own stream handle."""
+    trt = FakeTrt(labels=True)
+    tiles = np.random.default_rng(1).standard_normal((4, 3, TH, TW), dtype=np.float32)
+    runner = TensorRTRunner(fake_engine_file, device="cpu", trt=trt)
+    with runner:
+        labels = runner.infer(tiles[:2], output="labels")
+        logits = runner.infer(tiles[:2])
+        kept_labels, kept_logits = labels.copy(), logits.copy()
+        runner.infer(-tiles[2:4], output="labels")
+        runner.infer(-tiles[2:4])
+        handle = runner._stream.handle
+    np.testing.assert_array_equal(labels, kept_labels)
+    np.testing.assert_array_equal(logits, kept_logits)
+    assert [c[1] for c in trt.calls if c[0] == "execute_async_v3"] == [handle] * 4
+
+
+def test_activation_names_an_unknown_flavour_and_asks_about_device_0(fake_engine_file, monkeypatch):
+    import fcn_deploy.trt.runtime as module
+
+    asked = []
+    monkeypatch.setattr(module, "gpu_info", lambda device: asked.append(device) or {
+        "name": "NVIDIA GeForce RTX 3090", "compute_capability": "8.6"})
+    with TensorRTRunner(fake_engine_file, device="cpu", trt=FakeTrt()):
+        pass
+    assert asked == [0]  # the CPU stand-in runs as device 0
+    sidecar = json.loads(sidecar_path(fake_engine_file).read_text())
+    sidecar["trt"]["flavour"] = "onnx-tensorrt"
+    sidecar_path(fake_engine_file).write_text(json.dumps(sidecar))
+    with pytest.raises(EngineError) as err:
+        with TensorRTRunner(fake_engine_file, device="cpu", trt=FakeTrt()):
+            pass
+    assert str(err.value) == f"{fake_engine_file}: unknown TensorRT flavour 'onnx-tensorrt'"

@@ -58,7 +58,8 @@ def histogram_quantile(hist: np.ndarray, q: float, max_value: float) -> float:
         return float("nan")
     rank = max(1, math.ceil(q * n))
     i = int(np.searchsorted(np.cumsum(hist), rank))
-    return min(_bin_upper_edge(i), max_value)
+    # the last bin also holds every value above 1e6: its only upper bound is the maximum
+    return min(_bin_upper_edge(i), max_value) if i < _NBINS - 1 else max_value
 
 
 # -- streaming accumulator -------------------------------------------------------------------

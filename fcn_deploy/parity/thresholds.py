@@ -115,6 +115,8 @@ def _fmt_pair(value: float, limit: float, unit: str) -> tuple[str, str, int]:
     """Format value and limit with the fewest decimals (>= 2) that tell them apart and show
     their gap as non-zero."""
     gap_unit = "points" if unit == "%" else unit
+    if value == limit:  # nothing to tell apart: the fewest decimals
+        return _fmt(value, unit, 2), _fmt(limit, unit, 2), 2
     for d in range(2, 9):
         a, b = _fmt(value, unit, d), _fmt(limit, unit, d)
         if a != b and float(_fmt(abs(value - limit), gap_unit, d).split()[0].rstrip("%")) != 0:
