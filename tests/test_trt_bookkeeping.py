@@ -11,9 +11,11 @@ from fcn_deploy.trt.runtime import Binding, BatchProfile, binding_table, parse_t
 LOGITS = ("logits", "OUTPUT", (-1, 21, 64, 64), "FLOAT")
 
 
-@pytest.mark.parametrize("shape", [(-1, -1, 64, 64), (-1, 3, 64, -1), (1, 3, -1, 64), (-1, 3, 64), (-1, 3, 64, 64, 1)])
+@pytest.mark.parametrize("shape", [(-1, -1, 64, 64), (-1, 3, 64, -1), (1, 3, -1, 64), (-1, 3, 64), (-1, 3, 64, 64, 1),
+                                   (-1, 4, 64, 64), (-1, 1, 64, 64)])
 def test_only_the_batch_of_the_input_may_be_dynamic(shape):
-    """Issue 14: a dynamic channel dimension in an engine's input was accepted."""
+    """Issue 14: a dynamic channel dimension in an engine's input was accepted; an RGB model
+    takes exactly 3 channels."""
     with pytest.raises(EngineError, match=rf"^engine input image is float32 \({', '.join(map(str, shape))}\), "
                                           r"expected float32 \(N, 3, H, W\)$"):
         binding_table([("image", "INPUT", shape, "FLOAT"), LOGITS])

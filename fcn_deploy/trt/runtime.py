@@ -111,7 +111,7 @@ def binding_table(rows: Iterable[tuple[str, str, Sequence[int], str]]) -> Bindin
     if len(inputs) != 1:
         raise EngineError(f"engine has {len(inputs)} inputs, expected 1")
     inp = inputs[0]
-    if len(inp.shape) != 4 or inp.dtype != "float32" or any(d < 0 for d in inp.shape[1:]):
+    if len(inp.shape) != 4 or inp.dtype != "float32" or inp.shape[1] != 3 or any(d < 0 for d in inp.shape[2:]):
         raise EngineError(f"engine input {inp.name} is {inp.dtype} {inp.shape}, expected float32 (N, 3, H, W)")
     labels = [o for o in outputs if o.name == LABELS_OUTPUT]
     logits = [o for o in outputs if o.name != LABELS_OUTPUT]
