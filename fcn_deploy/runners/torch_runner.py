@@ -43,7 +43,7 @@ def parse_device(device: str) -> str:
 def _disable_tf32(torch) -> Callable[[], None]:
     """Make CUDA float32 convolutions and matmuls full IEEE precision; return a restore function.
 
-    TF32 alone moved 0.1% of argmax pixels on an H200 (DESIGN.md), so the reference runs
+    TF32 alone moved 0.1% of argmax pixels on an H200 (docs/architecture.md), so the reference runs
     without it. Uses the ``fp32_precision`` API where torch has it (>= 2.9), else ``allow_tf32``.
     """
     conv = getattr(torch.backends.cudnn, "conv", None)
