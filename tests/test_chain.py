@@ -138,7 +138,7 @@ def test_resolve_checkpoint(tmp_path, monkeypatch):
     assert resolve("torch", "elsewhere.pt") == Resolved("torch", Path("elsewhere.pt"), "checkpoint", "fp32")
     Path("model.pt").write_bytes(b"w")
     assert resolve("torch", precision="fp16") == Resolved("torch", Path("model.pt"), "checkpoint", "fp16")
-    with pytest.raises(UsageError, match="--backend must be one of torch, ort, ort-fp16, trt, not 'onnx'"):
+    with pytest.raises(UsageError, match="--backend must be one of torch, ort, ort-fp16, ort-int8, ort-int8-cpu, trt, not 'onnx'"):
         resolve("onnx")
 
 
@@ -150,8 +150,10 @@ def test_resolve_onnx_defaults_and_precision(chain, tmp_path):
     assert resolve("ort", export_dir=export, precision="fp32").path == fp32
     with pytest.raises(UsageError, match="^--backend ort runs the fp32 ONNX; use --backend ort-fp16 for fp16$"):
         resolve("ort", export_dir=export, precision="fp16")
-    with pytest.raises(UsageError, match="^--backend ort-fp16 runs the fp16 ONNX$"):
+    with pytest.raises(UsageError, match="^--backend ort-fp16 runs the fp16 ONNX; use --backend ort-int8 for int8$"):
         resolve("ort-fp16", export_dir=export, precision="int8")
+    with pytest.raises(UsageError, match="^--backend ort-fp16 runs the fp16 ONNX$"):  # no backend runs bf16
+        resolve("ort-fp16", export_dir=export, precision="bf16")
     empty = tmp_path / "empty"
     with pytest.raises(ArtifactNotFoundError, match=rf"^ONNX model {empty}/fcn.onnx not found; run `fcn-deploy export model.pt` first$"):
         resolve("ort", export_dir=empty)

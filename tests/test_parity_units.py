@@ -265,7 +265,8 @@ def test_off_drops_a_limit_and_a_registered_precision_gets_a_table():
     assert parse_thresholds(["fp32.max_abs=OFF"])["fp32"] == {"agreement": 99.99}
     assert parse_thresholds(["fp16.cosine_min=off"])["fp16"] == {"agreement": 99.5, "miou_gt_change": 0.5}
     assert parse_thresholds([]) == parse_thresholds(None) == {
-        "fp32": {"agreement": 99.99, "max_abs": 1e-3}, "fp16": {"agreement": 99.5, "miou_gt_change": 0.5}}
+        "fp32": {"agreement": 99.99, "max_abs": 1e-3}, "fp16": {"agreement": 99.5, "miou_gt_change": 0.5},
+        "int8": {"agreement": 99.0, "miou_gt_change": 1.0}}
     assert parse_thresholds(["fp32.mean_abs=1e-4", "fp32.mean_abs=2e-4"])["fp32"]["mean_abs"] == 2e-4
 
 
@@ -371,13 +372,9 @@ def test_the_failure_lists_every_failed_metric_of_every_backend():
         "trt: mIoU change vs ground truth 1.00 points > 0.50 points (over by 0.50 points)")
 
 
-def test_a_registered_backend_precision_takes_thresholds(monkeypatch):
-    from types import SimpleNamespace
-
-    from fcn_deploy.runners.registry import REGISTRY
-
-    monkeypatch.setitem(REGISTRY, "ort-int8", SimpleNamespace(precision="int8"))
-    assert parse_thresholds(["int8.agreement=99"])["int8"] == {"agreement": 99.0}
+def test_a_registered_backend_precision_takes_thresholds():
+    """int8 (ort-int8) is registered: its limits can be overridden; bf16 (no backend) cannot."""
+    assert parse_thresholds(["int8.agreement=99.5"])["int8"] == {"agreement": 99.5, "miou_gt_change": 1.0}
     with pytest.raises(UsageError, match="choose from fp32, fp16, int8$"):
         parse_thresholds(["bf16.agreement=99"])
 

@@ -91,9 +91,11 @@ def test_only_files_named_engine_count(tmp_path):
     assert find_engine(tmp_path, machine=FACTS) == chosen
 
 
-def test_precision_must_be_fp16_or_fp32(tmp_path):
+def test_precision_must_be_one_engines_are_built_in(tmp_path):
     write_engine(tmp_path, "a.engine", sidecar())
-    with pytest.raises(UsageError, match="^precision must be fp16 or fp32, not 'int8'$"):
+    with pytest.raises(UsageError, match="^precision must be one of fp16, fp32, int8, not 'bf16'$"):
+        find_engine(tmp_path, precision="bf16", machine=FACTS)
+    with pytest.raises(EngineError, match="a.engine: fp16 engine, int8 asked for"):  # int8 is one now
         find_engine(tmp_path, precision="int8", machine=FACTS)
 
 
