@@ -290,3 +290,23 @@ def test_resolve_engine_with_an_absent_checkpoint_and_a_precision(chain, tmp_pat
         Resolved("trt", engine, "engine", "fp16"))
     with pytest.raises(EngineError, match="fcn.fp16.engine: fp16 engine, fp32 asked for"):
         resolve("trt", export_dir=export, engines_dir=engines, precision="fp32")
+
+
+def test_rebuild_commands_name_the_export_that_remakes_each_artifact():
+    """The command a stale artifact's message gives: fp32 from its checkpoint; derived ONNX from a
+    re-export beside the fp32 one, int8 with calibration images, the uint8 form by its own flag."""
+    from fcn_deploy.chain import _rebuild_command, int8_cpu_onnx_path
+
+    assert int8_cpu_onnx_path("out/net.onnx") == Path("out/net.int8-cpu.onnx")
+    ckpt, fp32 = Path("m/model.pt"), Path("out/net.onnx")
+    assert _rebuild_command(fp32, {}, ckpt) == "fcn-deploy export m/model.pt -o out/net.onnx --force"
+    assert _rebuild_command(fp32, {"precision": "fp32"}, ckpt) == "fcn-deploy export m/model.pt -o out/net.onnx --force"
+    assert _rebuild_command(Path("out/net.fp16.onnx"), {"precision": "fp16"}, fp32) == (
+        "fcn-deploy export <checkpoint> -o out/net.onnx --fp16 --force")
+    calib = " --voc-root DIR (or --calib PHOTOS) --force"
+    for meta in ({"precision": "int8"}, {"precision": "int8", "calibration": {"symmetric": True}}):
+        assert _rebuild_command(Path("out/net.int8.onnx"), meta, fp32) == (
+            "fcn-deploy export <checkpoint> -o out/net.onnx --int8" + calib)
+    meta = {"precision": "int8", "calibration": {"symmetric": False}}
+    assert _rebuild_command(Path("out/net.int8-cpu.onnx"), meta, fp32) == (
+        "fcn-deploy export <checkpoint> -o out/net.onnx --int8-cpu" + calib)
