@@ -276,6 +276,7 @@ def bench(
     device: str = "auto",
     precision: str | None = None,
     images: str | os.PathLike | None = None,
+    decode: str = "cpu",
     report: str | os.PathLike | None = None,
     force: bool = False,
     export_dir: str | os.PathLike = "export",
@@ -296,7 +297,8 @@ def bench(
             go to a temporary folder), at the batch size of best engine throughput, and report
             end-to-end tiles/s and images/s, their ratio to the engine alone, and seconds per
             stage (summed over threads, so overlapping stages add up to more than the wall
-            time; on CUDA see :class:`~fcn_deploy.tiling.StageClock` for what each measures).
+            time; on CUDA see :class:`~fcn_deploy.tiling.StageClock` for what each measures);
+            ``decode`` as :func:`~fcn_deploy.infer.run_inference`'s.
         report: JSON path, written atomically (``force`` to overwrite).
         echo: where the table goes (None: silent).
 
@@ -314,6 +316,8 @@ def bench(
     batch_sizes = _check_bench_args(batch_sizes, warmup, iterations)
     if images is not None and not Path(images).is_dir():
         raise UsageError(f"--images {images} is not a folder")
+    if decode != "cpu" and images is None:
+        raise UsageError("--decode applies to the pipeline run of --images")
     if report is not None:
         report = check_writable(report, force)
     runner = create_runner(
@@ -344,7 +348,7 @@ def bench(
         }
         if images is not None:
             best = max(engine, key=lambda r: r["tiles_per_s"])
-            result["pipeline"] = _bench_pipeline(runner, Path(images), best["batch_size"], best["tiles_per_s"])
+            result["pipeline"] = _bench_pipeline(runner, Path(images), best["batch_size"], best["tiles_per_s"], decode)
     result["machine"] = machine_info()
     result["fcn_deploy_version"] = __version__
     result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -356,19 +360,21 @@ def bench(
 
 
 #: Pipeline stages in the order an image meets them (see :class:`fcn_deploy.tiling.StageClock`).
-STAGES = ("decode", "tiles", "upload", "engine", "stitch", "download", "encode")
+STAGES = ("read", "decode", "tiles", "upload", "engine", "stitch", "download", "encode")
 
 
-def _bench_pipeline(runner, images: Path, batch_size: int, engine_tiles_per_s: float) -> dict[str, Any]:
+def _bench_pipeline(runner, images: Path, batch_size: int, engine_tiles_per_s: float,
+                    decode: str = "cpu") -> dict[str, Any]:
     """Run the whole ``infer`` pipeline over ``images`` into a temporary folder; compare its
     tiles/s with the engine alone at the same batch size; seconds per stage."""
     from fcn_deploy.infer import run_inference
 
     with tempfile.TemporaryDirectory(prefix="fcn-bench-") as out:
-        summary = run_inference([images], out, runner=runner, batch_size=batch_size, progress=False)
+        summary = run_inference([images], out, runner=runner, batch_size=batch_size, progress=False, decode=decode)
     stages = {k: round(summary.stages.get(k, 0.0), 3) for k in STAGES}
     return {
         "batch_size": batch_size,
+        "decode": decode,
         "images": summary.images,
         "failed": len(summary.failed),
         "tiles": summary.tiles,

@@ -205,9 +205,10 @@ def _ray_options(command):
 @click.option("--skip-existing", is_flag=True, help="Skip images whose mask exists (resume a run).")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode/encode threads (default: the CPU cores).")
 @click.option("--max-pixels", type=click.IntRange(min=1), help="Refuse images of more pixels (default: fcn_deploy.images.DEFAULT_MAX_PIXELS, 2**27 = 134 MP).")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="gpu: decode JPEGs on the runner's CUDA device (nvJPEG, in batches; PIL for the rest).")
 @_ray_options
 def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, workers, max_pixels,
-              ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker) -> None:
+              decode, ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker) -> None:
     """Segment images of any size (files or folders, recursively) into palette PNG masks."""
     from fcn_deploy.images import set_max_pixels
     from fcn_deploy.infer import run_inference
@@ -217,6 +218,8 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
     if ray_address is not None:
         from fcn_deploy.distributed import run_inference_ray
 
+        if decode != "cpu":
+            raise click.UsageError("--decode gpu is for single-process infer, not with --ray")
         result = run_inference_ray(
             paths, output, address=ray_address, ray_workers=ray_workers, gpus_per_worker=ray_gpus_per_worker,
             cpus_per_worker=ray_cpus_per_worker, backend=backend, model=model, device=device, batch_size=batch_size,
@@ -229,6 +232,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
         summary = run_inference(
             paths, output, runner=create_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,
             window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing, workers=workers,
+            decode=decode,
         )
     for _, message in summary.failed:
         click.echo(f"failed: {message}", err=True)
@@ -297,9 +301,10 @@ def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, m
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when a GPU and the backend's GPU runtime are present, else CPU; the choice is printed), cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="torch/trt precision (ort: the ONNX decides).")
 @click.option("--images", type=click.Path(file_okay=False), help="Also time the whole infer pipeline on this folder.")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="With --images: as infer --decode.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite --report.")
-def bench_cmd(backends, model, batch_sizes, warmup, iterations, max_seconds, device, precision, images, report, force) -> None:
+def bench_cmd(backends, model, batch_sizes, warmup, iterations, max_seconds, device, precision, images, decode, report, force) -> None:
     """Latency (min/p50/p90/p99) and throughput (tiles/s) per batch size, of one backend or of
     several side by side."""
     from fcn_deploy.bench import bench, bench_compare, parse_batch_sizes
@@ -313,8 +318,8 @@ def bench_cmd(backends, model, batch_sizes, warmup, iterations, max_seconds, dev
                       device=device, precision=precision, report=report, force=force, echo=click.echo)
         return
     bench(backends[0], model, batch_sizes=sizes, warmup=warmup, iterations=iterations,
-          max_seconds=max_seconds, device=device, precision=precision, images=images, report=report,
-          force=force, echo=click.echo)
+          max_seconds=max_seconds, device=device, precision=precision, images=images, decode=decode,
+          report=report, force=force, echo=click.echo)
 
 
 # --- demo (fcn_deploy.demo) -----------------------------------------------------------------

@@ -15,7 +15,9 @@ import os
 import re
 import stat
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -84,25 +86,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
-    """Decode ``path`` to an (H, W, 3) uint8 RGB array in its displayed orientation (EXIF applied).
+def check_regular_file(path: Path) -> None:
+    """Raise ImageReadError unless ``path`` is a regular file (a FIFO would block forever)."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(mode):
+        raise ImageReadError(f"{path}: not a regular file (a FIFO, socket or device), not an image")
 
-    Refuses, before decoding, an image of more than ``limit`` pixels (default
-    :func:`max_pixels`) and anything but a regular file (a FIFO would block forever).
-    """
-    path = Path(path)
+
+@contextmanager
+def image_errors(path: Path, limit: int | None = None) -> Iterator[None]:
+    """Turn what opening or decoding ``path`` raises into one-line
+    :class:`~fcn_deploy.errors.ImageReadError` / ``ImageTooLargeError`` naming the file."""
     try:
-        mode = os.stat(path).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(path)
-        if not stat.S_ISREG(mode):
-            raise ImageReadError(f"{path}: not a regular file (a FIFO, socket or device), not an image")
-        with Image.open(path) as img:
-            check_size(path, *img.size, limit)
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            rgb = _to_rgb(img)
-            return np.asarray(rgb, dtype=np.uint8).copy()
+        yield
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -120,6 +118,23 @@ def load_rgb(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
         raise ImageTooLargeError(f"{path}: too large to decode in the memory available") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
         raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def load_rgb(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """Decode ``path`` to an (H, W, 3) uint8 RGB array in its displayed orientation (EXIF applied).
+
+    Refuses, before decoding, an image of more than ``limit`` pixels (default
+    :func:`max_pixels`) and anything but a regular file (a FIFO would block forever).
+    """
+    path = Path(path)
+    with image_errors(path, limit):
+        check_regular_file(path)
+        with Image.open(path) as img:
+            check_size(path, *img.size, limit)
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            rgb = _to_rgb(img)
+            return np.asarray(rgb, dtype=np.uint8).copy()
 
 
 def normalize(rgb: np.ndarray, mean, std) -> np.ndarray:

@@ -35,6 +35,7 @@ from fcn_deploy.errors import (
     UsageError,
 )
 from fcn_deploy.fileio import remove_stale_temps
+from fcn_deploy.devicedecode import Encoded, as_host, batch_ends, check_decode, decode_batch, read_encoded
 from fcn_deploy.images import load_rgb
 from fcn_deploy.inputs import InputImage, check_output_dir, collect_inputs, refuse_overwriting_inputs
 from fcn_deploy.outputs import (
@@ -160,6 +161,7 @@ def run_inference(
     workers: int | None = None,
     progress: bool = True,
     assembler: str = "auto",
+    decode: str = "cpu",
 ) -> InferSummary:
     """Segment every image under ``paths`` into ``output_dir`` (see the module docstring).
 
@@ -169,7 +171,8 @@ def run_inference(
     are recorded in ``summary.failed`` and the run goes on; errors of the runner or the output
     folder stop it with a :class:`~fcn_deploy.errors.FcnDeployError`. ``workers`` (decode and
     encode threads) defaults to the cores this process may use; ``assembler`` picks the tile
-    assembler (:func:`~fcn_deploy.tiling.make_assembler`: numpy on the CPU, torch on CUDA).
+    assembler (:func:`~fcn_deploy.tiling.make_assembler`: numpy on the CPU, torch on CUDA);
+    ``decode="gpu"`` decodes JPEGs on the runner's CUDA device (:mod:`fcn_deploy.devicedecode`).
     """
     start = time.perf_counter()
     if workers is not None and workers < 1:
@@ -179,7 +182,7 @@ def run_inference(
     seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window, assembler=assembler)
     with seg:
         segment_items(seg, items, out, summary, overlay=overlay, save_logits=save_logits, workers=workers,
-                      progress=progress)
+                      progress=progress, decode=decode)
     summary.tiles = seg.tiles_run
     summary.stages = {k: round(v, 4) for k, v in seg.clock.seconds.items()}
     summary.seconds = time.perf_counter() - start
@@ -228,18 +231,23 @@ def segment_items(
     save_logits: bool = False,
     workers: int | None = None,
     progress: bool = False,
+    decode: str = "cpu",
 ) -> list[ImageRecord]:
     """Segment ``items`` with the active ``seg`` and write their outputs under ``out`` (created).
 
     The per-image path of :func:`run_inference` (also run by each ``--ray`` worker): counts go
     into ``summary`` (``images``, ``failed``); returns one :class:`ImageRecord` per image, in
     the order the images finished. Unreadable images and unwritable outputs are records with
-    status ``failed``; a runner error or a full disk raises.
+    status ``failed``; a runner error or a full disk raises. ``decode``: ``"cpu"`` (PIL, in the
+    thread pool) or ``"gpu"`` (JPEGs decoded on the runner's CUDA device in batches,
+    :mod:`fcn_deploy.devicedecode`).
     """
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be >= 1, not {workers}")
+    seg.prepare()
+    check_decode(decode, seg.assembler)
     check_output_dir(out)
-    pipeline = _Pipeline(seg, out, summary, overlay, save_logits, workers or _cores(), progress)
+    pipeline = _Pipeline(seg, out, summary, overlay, save_logits, workers or _cores(), progress, decode)
     pipeline.run(items)
     return pipeline.records
 
@@ -256,10 +264,11 @@ class _Pipeline:
     """The threads of :func:`run_inference` around one active :class:`Segmenter`."""
 
     def __init__(self, seg: Segmenter, out: Path, summary: InferSummary, overlay: bool,
-                 save_logits: bool, workers: int, progress: bool) -> None:
+                 save_logits: bool, workers: int, progress: bool, decode: str = "cpu") -> None:
         self.seg, self.out, self.summary = seg, out, summary
         self.overlay, self.save_logits, self.workers = overlay, save_logits, workers
         self.progress = progress
+        self.decode = decode
         self.palette = palette(seg.colormap)
         self.lock = threading.Lock()
         self.open_jobs: list[ImageJob] = []
@@ -281,7 +290,7 @@ class _Pipeline:
         try:
             for batch in batches:
                 output: Output = "labels" if batch.single_tiles and not self.save_logits else "logits"
-                result = self.seg.run_batch(batch.tiles, output)
+                result = self.seg.run_batch(batch.tiles, output, len(batch.keys))
                 pending.append(stitch.submit(self._stitch, batch, result, output))
                 while len(pending) > 2:
                     pending.popleft().result()
@@ -314,32 +323,77 @@ class _Pipeline:
         with self.clock("decode"):
             return load_rgb(path)
 
-    def _produce(self, items: list[InputImage], pool: ThreadPoolExecutor) -> Iterator[Batch]:
-        """(thread) Decode ahead in the pool, then cut tiles into batches, in order."""
-        decoded: deque[tuple[InputImage, Future]] = deque()
+    def _read(self, path: Path) -> Encoded:
+        with self.clock("read"):
+            return read_encoded(path)
+
+    def _decode_batch(self, encoded: list[Encoded]) -> list[Any]:
+        with self.clock("decode"):
+            return decode_batch(encoded, str(self.seg.assembler.device))
+
+    def _decoded(self, items: list[InputImage], pool: ThreadPoolExecutor,
+                 waited: list[float]) -> Iterator[tuple[InputImage, Any]]:
+        """(item, (H, W, 3) uint8 image: numpy, or a tensor on the device with ``--decode gpu``)
+        in input order, decoded ahead in the pool; failures are recorded and left out. Seconds
+        spent waiting for decodes go to ``waited[0]``."""
         todo = iter(items)
         lookahead = self.workers + 2
+        reads: deque[tuple[InputImage, Future]] = deque()
+        work = self._read if self.decode == "gpu" else self._decode
+
+        def ready() -> tuple[InputImage, Any] | None:
+            """The next read (or, on the CPU path, decoded) item in order; None when none is left."""
+            while True:
+                while len(reads) < lookahead and (item := next(todo, None)) is not None:
+                    self.started[item.path] = time.perf_counter()
+                    reads.append((item, pool.submit(work, item.path)))
+                if not reads:
+                    return None
+                item, future = reads.popleft()
+                start = time.perf_counter()
+                try:
+                    return item, future.result()
+                except ImageReadError as exc:
+                    self._record_failure(item, str(exc))
+                finally:
+                    waited[0] += time.perf_counter() - start
+
+        if self.decode != "gpu":
+            while (got := ready()) is not None:
+                yield got
+            return
+        # --decode gpu: batches of read files, decoded by one decoder thread two batches ahead
+        decoder = ThreadPoolExecutor(1, "fcn-deploy-decode")
+        chunks: deque[tuple[list[InputImage], Future]] = deque()
+        try:
+            while True:
+                while len(chunks) < 2:
+                    chunk: list[tuple[InputImage, Encoded]] = []
+                    while not batch_ends([e for _, e in chunk]) and (got := ready()) is not None:
+                        chunk.append(got)
+                    if not chunk:
+                        break
+                    chunks.append(([i for i, _ in chunk], decoder.submit(self._decode_batch, [e for _, e in chunk])))
+                if not chunks:
+                    return
+                chunk_items, future = chunks.popleft()
+                start = time.perf_counter()
+                results = future.result()
+                waited[0] += time.perf_counter() - start
+                for item, rgb in zip(chunk_items, results):
+                    if isinstance(rgb, ImageReadError):
+                        self._record_failure(item, str(rgb))
+                    else:
+                        yield item, rgb
+        finally:
+            decoder.shutdown(wait=True, cancel_futures=True)
+
+    def _produce(self, items: list[InputImage], pool: ThreadPoolExecutor) -> Iterator[Batch]:
+        """(thread) Decode ahead in the pool, then cut tiles into batches, in order."""
         waited = [0.0]  # seconds spent waiting for decodes, not cutting tiles
 
         def jobs() -> Iterator[ImageJob]:
-            while True:
-                while len(decoded) < lookahead:
-                    item = next(todo, None)
-                    if item is None:
-                        break
-                    self.started[item.path] = time.perf_counter()
-                    decoded.append((item, pool.submit(self._decode, item.path)))
-                if not decoded:
-                    return
-                item, future = decoded.popleft()
-                start = time.perf_counter()
-                try:
-                    rgb = future.result()
-                except ImageReadError as exc:
-                    self._record_failure(item, str(exc))
-                    continue
-                finally:
-                    waited[0] += time.perf_counter() - start
+            for item, rgb in self._decoded(items, pool, waited):
                 job = ImageJob(item, rgb, self.seg.plan(*rgb.shape[:2]))
                 if self.save_logits:
                     try:  # allocated for real before its tiles run: a full disk surfaces here
@@ -402,7 +456,8 @@ class _Pipeline:
         try:
             self._close_logits(job, failed=False)
             if self.overlay:
-                write_overlay(output_path(self.out, item.rel_stem, OVERLAY_SUFFIX), job.rgb, job.labels, self.seg.colormap)
+                write_overlay(output_path(self.out, item.rel_stem, OVERLAY_SUFFIX), as_host(job.rgb), job.labels,
+                              self.seg.colormap)
             write_mask(output_path(self.out, item.rel_stem, MASK_SUFFIX), job.labels, self.palette)
         except (OSError, FcnDeployError) as exc:
             self._close_logits(job, failed=True)

@@ -177,9 +177,10 @@ class Segmenter:
         self.prepare()
         self._host_writer.write_tile(rgb, grid, index, out)
 
-    def run_batch(self, tiles: Any, output: Output) -> Any:
+    def run_batch(self, tiles: Any, output: Output, count: int | None = None) -> Any:
         """``runner.infer`` on (n, 3, th, tw) float32 (numpy, or a tensor on the runner's
-        device; the runner pads a short batch of a fixed-batch model).
+        device; the runner pads a short batch of a fixed-batch model). ``count``: the tiles
+        among them that belong to images (default n; the rest pad a CUDA batch).
 
         Returns (n, C, th, tw) logits or (n, th, tw) uint8 labels, of the input's kind; any
         other shape is reported as a model / tile size mismatch. Its seconds go to the
@@ -206,7 +207,7 @@ class Segmenter:
                 f"{self.runner.name}: model returned {output} {shape}, expected {expected}; "
                 f"is it a segmentation model for {th}x{tw} tiles?"
             )
-        self.tiles_run += len(tiles)
+        self.tiles_run += len(tiles) if count is None else count
         return result
 
     def _pace(self, device) -> None:
@@ -237,7 +238,7 @@ class Segmenter:
         unless ``want_logits`` (then every job's ``logits_out`` receives the averaged logits)."""
         for batch in self.iter_batches(jobs):
             output: Output = "labels" if batch.single_tiles and not want_logits else "logits"
-            result = self.run_batch(batch.tiles, output)
+            result = self.run_batch(batch.tiles, output, len(batch.keys))
             yield from self.add_results(batch, result, output)
 
     def add_results(self, batch: Batch, result: Any, output: Output) -> list[ImageJob]:

@@ -106,7 +106,8 @@ def test_bench_pipeline_on_a_folder(checkpoint_path, tmp_path):
     assert pipe["engine_tiles_per_s"] == max(r["tiles_per_s"] for r in result["engine"])
     assert pipe["end_to_end_ratio"] == pytest.approx(pipe["tiles_per_s"] / pipe["engine_tiles_per_s"], rel=1e-2)
     stages = pipe["stage_seconds"]
-    assert list(stages) == ["decode", "tiles", "upload", "engine", "stitch", "download", "encode"]
+    assert list(stages) == ["read", "decode", "tiles", "upload", "engine", "stitch", "download", "encode"]
+    assert pipe["decode"] == "cpu" and stages["read"] == 0  # files are read by PIL while decoding
     assert all(stages[k] > 0 for k in ("decode", "tiles", "engine", "encode"))
     assert "end-to-end / engine-only" in lines[0] and "seconds per stage" in lines[0]
 

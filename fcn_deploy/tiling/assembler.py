@@ -63,6 +63,8 @@ from fcn_deploy.tiling.grid import (
     ring_pieces,
 )
 
+from fcn_deploy.tiling.arena import SmallImageArena, Slot, arena_bytes
+
 Output = Literal["logits", "labels"]
 
 #: A TorchStitcher keeps the whole image's (C, H, W) float32 sums (no ring buffer, one argmax
@@ -76,7 +78,7 @@ ASSEMBLER_KINDS: tuple[str, ...] = ("auto", "numpy", "torch")
 class StageClock:
     """Seconds per pipeline stage, summed over calls and threads (``time.perf_counter``).
 
-    Stages: ``decode``, ``tiles`` (cut and normalise, upload included), ``upload``, ``engine``,
+    Stages: ``read`` (``--decode gpu``: files read and checked), ``decode``, ``tiles`` (cut and normalise, upload included), ``upload``, ``engine``,
     ``stitch`` (accumulate and argmax, download included), ``download``, ``encode``. Summed
     over threads, so stages that overlap can add up to more than the wall time. On CUDA the
     host only enqueues work: ``upload`` is the pinned staging copy plus the enqueue of the
@@ -142,7 +144,8 @@ class ImageJob:
 @dataclass
 class Batch:
     """Up to B tiles, (n, 3, th, tw) float32 (numpy or a torch tensor on the assembler's
-    device), and for each tile its (job, tile index)."""
+    device), and for each tile its (job, tile index). ``tiles`` may hold more rows than
+    ``keys`` (zeros: a CUDA batch keeps the batch size); results of those rows are ignored."""
 
     tiles: Any
     keys: list[tuple[ImageJob, int]]
@@ -302,11 +305,16 @@ class TorchAssembler(Assembler):
         self._scale = torch.from_numpy(self.scale).to(self.device)
         self._shift = torch.from_numpy(self.shift).to(self.device)
         self._indexes: dict[tuple[int, int], GridIndex] = {}
+        #: The small-image arena (:mod:`fcn_deploy.tiling.arena`), made at the first small image.
+        self.arena: SmallImageArena | None = None
 
-    def upload(self, rgb: np.ndarray):
+    def upload(self, rgb):
         """(H, W, 3) uint8 numpy -> the same as a uint8 tensor on the device (on CUDA through
-        pinned staging memory, asynchronously; on the CPU without a copy)."""
+        pinned staging memory, asynchronously; on the CPU without a copy). A tensor (e.g.
+        decoded on the device, :mod:`fcn_deploy.devicedecode`) is moved there if it is not."""
         torch = self.torch
+        if isinstance(rgb, torch.Tensor):
+            return rgb.to(self.device)
         src = torch.from_numpy(np.ascontiguousarray(rgb))
         if not self._cuda:
             return src.to(self.device)
@@ -357,7 +365,11 @@ class TorchAssembler(Assembler):
                     buf, keys = None, []
             del image
         if keys:
-            yield Batch(buf[: len(keys)], keys)
+            if self._cuda:  # the full batch shape (zeros after the tiles): no new shape for the engine
+                buf[len(keys):].zero_()  # to tune (cuDNN's algorithm search, a TensorRT profile)
+                yield Batch(buf, keys)
+            else:
+                yield Batch(buf[: len(keys)], keys)
 
     def add(self, batch: Batch, result: Any, output: Output) -> list[ImageJob]:
         keys, finished = batch.keys, []
@@ -370,23 +382,47 @@ class TorchAssembler(Assembler):
                 job._pending = lambda i=i, h=h, w=w: (ready(), np.array(host[i, :h, :w], dtype=np.uint8))[1]
                 finished.append(job)
             return finished
+        num_classes = int(result.shape[1])
+        small: list[tuple[ImageJob, int, int, int]] = []  # arena runs: (job, first tile, position, count)
+        done: list[tuple[int, ImageJob]] = []  # (position of the last tile, job)
         i = 0
-        while i < len(keys):  # groups: consecutive tiles of one image and one tile row
+        while i < len(keys):  # groups: consecutive tiles of one image (and, banded, one tile row)
             job, first = keys[i]
+            if self._in_arena(job, num_classes):
+                j = i + 1
+                while j < len(keys) and keys[j][0] is job and keys[j][1] == first + j - i:
+                    j += 1
+                small.append((job, first, i, j - i))
+                i = j
+                continue
             cols = job.grid.cols
             j = i + 1
             while j < len(keys) and keys[j][0] is job and keys[j][1] == first + j - i and keys[j][1] // cols == first // cols:
                 j += 1
             if job._acc is None:
-                num_classes = int(result.shape[1])
                 out = job.logits_out(num_classes) if job.logits_out is not None else None
                 job._acc = TorchStitcher(self, job.grid, num_classes, out)
             job._acc.add_group(first, result[i:j])
             if job._acc.done:
                 job._pending, job._acc = job._acc.labels_later(), None
-                finished.append(job)
+                done.append((j - 1, job))
             i = j
-        return finished
+        if small:
+            done += self.arena.add(small, result)
+            done.sort(key=lambda pair: pair[0])
+        return [job for _, job in done]
+
+    def _in_arena(self, job: ImageJob, num_classes: int) -> bool:
+        """True when ``job``'s sums live in the small-image arena (made here at the first one):
+        a small image whose averaged logits are not saved."""
+        if job._acc is not None:
+            return isinstance(job._acc, Slot)
+        if job.logits_out is not None or num_classes * job.grid.height * job.grid.width * 4 > WHOLE_IMAGE_BAND_BYTES:
+            return False
+        if self.arena is None:
+            self.arena = SmallImageArena(self.torch, self.device, num_classes, self.batch_size, self.tile_hw,
+                                         window=self.window, floor=self.floor, band_bytes=WHOLE_IMAGE_BAND_BYTES)
+        return True
 
     def _to_host(self, labels) -> tuple[np.ndarray, Callable[[], None]]:
         """(n, th, tw) device labels -> (host array, wait()): on CUDA an asynchronous copy to
@@ -605,9 +641,14 @@ def torch_memory_bound(grid: TileGrid, num_classes: int, batch_size: int) -> int
     formula of the module docstring)."""
     H, W, C, B = grid.height, grid.width, num_classes, batch_size
     th, tw = grid.tile_hw
-    R = H if C * H * W * 4 <= WHOLE_IMAGE_BAND_BYTES else min(th, H)
-    return (3 * H * W + (C + 1) * R * W * 4 + 14 * R * W + 2 * B * C * th * tw * 4 + 7 * B * th * tw
-            + 40 * (grid.count + grid.rows * th + grid.cols * tw) + 6 * B * 3 * th * tw * 4 + 3 * B * C * th * tw * 4)
+    small = C * H * W * 4 <= WHOLE_IMAGE_BAND_BYTES
+    R = H if small else min(th, H)
+    bound = (3 * H * W + (C + 1) * R * W * 4 + 14 * R * W + 2 * B * C * th * tw * 4 + 7 * B * th * tw
+             + 40 * (grid.count + grid.rows * th + grid.cols * tw) + 6 * B * 3 * th * tw * 4 + 3 * B * C * th * tw * 4)
+    if small:  # or in the arena (saved logits take the band): its sums, argmax temporaries, maps
+        bound += (arena_bytes(B, (th, tw), C, WHOLE_IMAGE_BAND_BYTES)
+                  + 14 * (B * th * tw + WHOLE_IMAGE_BAND_BYTES // (4 * C)) + 12 * (grid.rows * th + grid.cols * tw))
+    return bound
 
 
 def make_assembler(

@@ -1,0 +1,151 @@
+"""The small-image arena of the torch assembler: the same masks as the numpy path for many small
+images of mixed sizes (across batches, through the ring's wrap-around), a constant number of
+accumulations per batch, its errors and its memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fcn_deploy.tiling.assembler as assembler_module
+from fcn_deploy.tiling import ImageJob, NumpyAssembler, TorchAssembler, plan_tiles
+from fcn_deploy.tiling.arena import Slot, arena_bytes, arena_capacity
+from fcn_deploy.tiling.assembler import torch_memory_bound
+from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD
+
+TILE = (16, 24)
+
+
+def _logits(keys, num_classes, tile_hw, dtype=np.float32):
+    """Per tile logits seeded by (image key, tile index): the same whatever the batching."""
+    out = np.empty((len(keys), num_classes, *tile_hw), dtype=dtype)
+    for i, (job, index) in enumerate(keys):
+        out[i] = np.random.default_rng((job.key, index)).standard_normal((num_classes, *tile_hw))
+    return out
+
+
+def _masks(asm, sizes, num_classes, dtype=np.float32, overlap=6):
+    rng = np.random.default_rng(0)
+    jobs = [ImageJob(k, rng.integers(0, 256, (*hw, 3), dtype=np.uint8), plan_tiles(*hw, asm.tile_hw, overlap))
+            for k, hw in enumerate(sizes)]
+    done = []
+    for batch in asm.batches(jobs):
+        result = _logits(batch.keys, num_classes, asm.tile_hw, dtype)
+        done += asm.add(batch, result if isinstance(asm, NumpyAssembler) else torch.from_numpy(result), "logits")
+    assert [job.key for job in done] == list(range(len(sizes)))  # all finished, in order
+    return [job.labels for job in done]
+
+
+# small (1 tile, several tiles, thinner than a tile, a wide strip of many tiles) and, between
+# them, images too large for the arena (banded): the masks must not depend on which path runs
+SIZES = [(1, 1), (30, 50), (16, 24), (5, 200), (40, 40), (300, 500), (17, 25), (2, 3), (45, 70), (30, 50)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 32])
+@pytest.mark.parametrize("window,pad_mode", [("hann", "constant"), ("uniform", "reflect")])
+def test_arena_masks_equal_numpy(batch_size, window, pad_mode, monkeypatch):
+    # 3 classes: a small image has at most 4000 pixels here (the 300x500 one is banded)
+    monkeypatch.setattr(assembler_module, "WHOLE_IMAGE_BAND_BYTES", 3 * 4 * 4000)
+    args = (TILE, batch_size, IMAGENET_MEAN, IMAGENET_STD)
+    kw = dict(window=window, pad_mode=pad_mode)
+    expected = _masks(NumpyAssembler(*args, **kw), SIZES, 3)
+    th_asm = TorchAssembler(*args, device="cpu", **kw)
+    got = _masks(th_asm, SIZES, 3)
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape and g.dtype == np.uint8
+        np.testing.assert_array_equal(g, e)
+    assert th_asm.arena is not None and not th_asm.arena._live  # every slot freed
+    assert not th_asm.arena.sums[:, 1:].any()  # and zeroed for the next images (slot 0: padding)
+
+
+def test_arena_wraps_around_and_float16_logits_give_the_same_masks(monkeypatch):
+    """More pixels pass through the arena than it holds: the ring wraps, masks stay equal."""
+    monkeypatch.setattr(assembler_module, "WHOLE_IMAGE_BAND_BYTES", 2 * 4 * 2000)
+    sizes = [(30, 50), (40, 45), (17, 25), (1, 1999), (30, 50)] * 6
+    args = (TILE, 2, IMAGENET_MEAN, IMAGENET_STD)
+    expected = _masks(NumpyAssembler(*args), sizes, 2, np.float16)
+    th_asm = TorchAssembler(*args, device="cpu")
+    got = _masks(th_asm, sizes, 2, np.float16)
+    assert sum(h * w for h, w in sizes) > 2 * th_asm.arena.capacity  # wrapped at least twice
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_same_sized_photos_share_one_accumulation_per_batch():
+    """A batch of tiles of 8 same-sized photos is accumulated with one index_add_ and reduced with
+    one argmax: the device work per batch does not grow with the number of photos in it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grid = plan_tiles(30, 40, TILE, 6)
+    assert grid.count > 1
+    asm = TorchAssembler(TILE, 8 * grid.count, IMAGENET_MEAN, IMAGENET_STD, device="cpu")
+    jobs = [ImageJob(k, np.zeros((30, 40, 3), np.uint8), grid) for k in range(8)]
+    (batch,) = list(asm.batches(jobs))
+    result = torch.from_numpy(_logits(batch.keys, 5, TILE))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        done = asm.add(batch, result, "logits")
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert len(done) == 8 and all(job.labels.shape == (30, 40) for job in done)
+    assert counts.get("aten::index_add_") == 1 and counts.get("aten::max") == 1
+
+
+def test_arena_refuses_tiles_out_of_order_and_wrong_logits():
+    asm = TorchAssembler(TILE, 16, IMAGENET_MEAN, IMAGENET_STD, device="cpu")
+    job = ImageJob(0, np.zeros((30, 40, 3), np.uint8), plan_tiles(30, 40, TILE, 6))
+    (batch,) = list(asm.batches([job]))
+    assert len(batch.keys) >= 3
+    result = torch.from_numpy(_logits(batch.keys, 3, TILE))
+    asm.add(type(batch)(batch.tiles[:1], batch.keys[:1]), result[:1], "logits")
+    assert isinstance(job._acc, Slot) and job._acc.added == 1
+    with pytest.raises(ValueError, match="tile 2 arrived after 1"):
+        asm.add(type(batch)(batch.tiles[2:3], batch.keys[2:3]), result[2:3], "logits")
+    with pytest.raises(ValueError, match=r"tile logits have shape \(4, 16, 24\), expected \(3, 16, 24\)"):
+        asm.add(type(batch)(batch.tiles[1:2], batch.keys[1:2]), torch.zeros((1, 4, *TILE)), "logits")
+
+
+def test_saved_logits_and_large_images_stay_out_of_the_arena():
+    asm = TorchAssembler(TILE, 4, IMAGENET_MEAN, IMAGENET_STD, device="cpu")
+    saved = ImageJob(0, np.zeros((30, 40, 3), np.uint8), plan_tiles(30, 40, TILE, 6),
+                     logits_out=lambda c: np.zeros((c, 30, 40), np.float32))
+    assert not asm._in_arena(saved, 21) and asm.arena is None
+    small = ImageJob(1, np.zeros((30, 40, 3), np.uint8), plan_tiles(30, 40, TILE, 6))
+    assert asm._in_arena(small, 21) and asm.arena is not None
+    limit = assembler_module.WHOLE_IMAGE_BAND_BYTES // (4 * 21)  # the largest small image, in pixels
+    edge = ImageJob(2, None, plan_tiles(1, limit, TILE, 6))
+    beyond = ImageJob(3, None, plan_tiles(1, limit + 1, TILE, 6))
+    assert asm._in_arena(edge, 21) and not asm._in_arena(beyond, 21)
+
+
+def test_arena_memory_is_what_the_bound_counts():
+    B, C = 32, 21
+    th, tw = 320, 480
+    band = assembler_module.WHOLE_IMAGE_BAND_BYTES
+    assert arena_capacity(B, (th, tw), C, band) == B * th * tw + 3 * (band // (4 * C)) + 1
+    assert arena_bytes(B, (th, tw), C, band) == 4 * C * arena_capacity(B, (th, tw), C, band)
+    asm = TorchAssembler((16, 24), 2, IMAGENET_MEAN, IMAGENET_STD, device="cpu")
+    asm._in_arena(ImageJob(0, None, plan_tiles(30, 40, (16, 24), 6)), 3)
+    assert asm.arena.memory_bytes() == arena_bytes(2, (16, 24), 3, band) == asm.arena.sums.nbytes
+
+
+def test_small_images_stay_within_the_memory_bound(monkeypatch):
+    """Everything torch allocates while 24 small photos go through the arena (traced by its
+    profiler) stays within torch_memory_bound of one such photo (which counts the arena)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setattr(assembler_module, "WHOLE_IMAGE_BAND_BYTES", 4 * 4 * 3000)
+    C, B, tile = 4, 6, (16, 24)
+    asm = TorchAssembler(tile, B, IMAGENET_MEAN, IMAGENET_STD, device="cpu")
+    grid = plan_tiles(40, 60, tile, 6)
+    jobs = [ImageJob(k, np.full((40, 60, 3), k, np.uint8), grid) for k in range(24)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        torch.zeros(1)  # the profiler imports its modules: not in the trace below
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        done = []
+        for batch in asm.batches(jobs):
+            done += asm.add(batch, batch.tiles[:, :1].expand(-1, C, -1, -1) * 1.0, "logits")
+    assert len(done) == 24 and asm.arena is not None
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    peak = int(np.max(np.cumsum([b for _, b in events])))
+    bound = torch_memory_bound(grid, C, B)
+    assert asm.arena.memory_bytes() <= peak <= bound, (asm.arena.memory_bytes(), peak, bound)

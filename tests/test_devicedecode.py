@@ -1,0 +1,144 @@
+"""``--decode gpu``: JPEGs decoded by torchvision onto the runner's device (here its CPU decoder,
+whose pixels equal PIL's), PIL for the rest, and the infer pipeline around it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import fcn_deploy.devicedecode as devicedecode
+from fcn_deploy.cli import cli
+from fcn_deploy.devicedecode import decode_batch, read_encoded
+from fcn_deploy.errors import ImageReadError, ImageTooLargeError, UsageError
+from fcn_deploy.images import load_rgb
+from fcn_deploy.infer import run_inference
+from fcn_deploy.runners.torch_runner import TorchRunner
+
+SMALL = (64, 96)
+
+
+def _rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _jpeg(path, rgb, orientation=None, mode="RGB"):
+    img = Image.fromarray(rgb)
+    if mode != "RGB":
+        img = img.convert(mode)
+    kwargs = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif
+    img.save(path, format="JPEG", quality=90, **kwargs)
+    return path
+
+
+def test_every_exif_orientation_matches_pil(tmp_path):
+    rgb = _rgb(37, 53)
+    paths = [_jpeg(tmp_path / f"o{o}.jpg", rgb, o) for o in range(1, 9)]
+    encoded = [read_encoded(p) for p in paths]
+    assert [e.orientation for e in encoded] == list(range(1, 9))
+    assert all(e.data is not None and e.pixels == 37 * 53 for e in encoded)
+    for path, image in zip(paths, decode_batch(encoded, "cpu")):
+        expected = load_rgb(path)  # PIL, EXIF applied
+        assert image.shape == expected.shape and image.is_contiguous()
+        np.testing.assert_array_equal(image.numpy(), expected)
+
+
+def test_pil_decodes_what_the_device_decoder_does_not_take(tmp_path):
+    rgb = _rgb(20, 30, 1)
+    png = tmp_path / "a.png"
+    Image.fromarray(rgb).save(png)
+    gray = _jpeg(tmp_path / "gray.jpg", rgb, mode="L")
+    cmyk = _jpeg(tmp_path / "cmyk.jpg", rgb, mode="CMYK")
+    good = _jpeg(tmp_path / "good.jpg", rgb)
+    encoded = [read_encoded(p) for p in (png, gray, cmyk, good)]
+    assert [e.data is None for e in encoded] == [True, True, True, False]
+    results = decode_batch(encoded, "cpu")
+    assert [isinstance(r, np.ndarray) for r in results] == [True, True, True, False]
+    for path, image in zip((png, gray, cmyk, good), results):
+        np.testing.assert_array_equal(np.asarray(image), load_rgb(path))
+
+
+def test_a_corrupt_jpeg_fails_alone_and_names_its_file(tmp_path):
+    good = [_jpeg(tmp_path / f"g{i}.jpg", _rgb(24, 32, i)) for i in range(2)]
+    data = good[0].read_bytes()
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(data[: len(data) // 2])
+    encoded = [read_encoded(good[0]), read_encoded(bad), read_encoded(good[1])]
+    first, broken, last = decode_batch(encoded, "cpu")
+    assert isinstance(broken, ImageReadError) and str(bad) in str(broken) and "\n" not in str(broken)
+    np.testing.assert_array_equal(first.numpy(), load_rgb(good[0]))
+    np.testing.assert_array_equal(last.numpy(), load_rgb(good[1]))
+
+
+def test_read_encoded_checks_before_reading(tmp_path):
+    with pytest.raises(ImageReadError, match="no such file"):
+        read_encoded(tmp_path / "missing.jpg")
+    with pytest.raises(ImageReadError, match="is a directory"):
+        read_encoded(tmp_path)
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    with pytest.raises(ImageReadError, match="not an image PIL can decode"):
+        read_encoded(tmp_path / "notes.jpg")
+    big = _jpeg(tmp_path / "big.jpg", _rgb(40, 50))
+    with pytest.raises(ImageTooLargeError, match=r"big.jpg: too large, 50x40"):
+        read_encoded(big, limit=40 * 50 - 1)
+    assert read_encoded(big, limit=40 * 50).pixels == 2000
+
+
+def test_batches_end_at_the_image_or_pixel_limit(tmp_path):
+    e = read_encoded(_jpeg(tmp_path / "a.jpg", _rgb(10, 10)))
+    assert not devicedecode.batch_ends([e] * (devicedecode.MAX_BATCH_IMAGES - 1))
+    assert devicedecode.batch_ends([e] * devicedecode.MAX_BATCH_IMAGES)
+    big = devicedecode.Encoded(e.path, e.data, 1, devicedecode.MAX_BATCH_PIXELS)
+    assert devicedecode.batch_ends([big]) and not devicedecode.batch_ends([e])
+
+
+@pytest.fixture(scope="module")
+def small_runner(checkpoint_path):
+    with TorchRunner(checkpoint_path, tile_hw=SMALL) as runner:
+        yield runner
+
+
+def test_infer_decode_gpu_writes_the_masks_of_the_cpu_path(small_runner, tmp_path, monkeypatch):
+    """The --decode gpu pipeline (run on the CPU torch assembler) across several decode batches:
+    the same mask bytes as PIL decoding with the numpy assembler; a corrupt JPEG fails alone."""
+    monkeypatch.setattr(devicedecode, "MAX_BATCH_IMAGES", 2)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (h, w, o) in enumerate([(70, 100, 1), (50, 130, 6), (64, 96, 3), (120, 90, 8), (33, 40, 1)]):
+        _jpeg(src / f"p{i}.jpg", _rgb(h, w, i), o)
+    Image.fromarray(_rgb(40, 70, 9)).save(src / "q.png")
+    data = (src / "p0.jpg").read_bytes()
+    (src / "torn.jpg").write_bytes(data[: len(data) // 2])
+    outs = {}
+    for decode, assembler in (("cpu", "numpy"), ("gpu", "torch")):
+        out = tmp_path / decode
+        summary = run_inference([src], out, runner=small_runner, batch_size=3, overlap=16, progress=False,
+                                decode=decode, assembler=assembler)
+        assert summary.images == 6 and len(summary.failed) == 1
+        assert "torn.jpg" in summary.failed[0][0]
+        outs[decode] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        if decode == "gpu":
+            assert summary.stages["read"] > 0 and summary.stages["decode"] > 0
+    assert sorted(outs["gpu"]) == sorted(outs["cpu"]) and len(outs["cpu"]) == 6
+    for name in outs["cpu"]:
+        assert outs["gpu"][name] == outs["cpu"][name], name
+
+
+def test_decode_gpu_without_a_cuda_runner_is_one_line(small_runner, checkpoint_path, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _jpeg(src / "a.jpg", _rgb(20, 30))
+    with pytest.raises(UsageError, match="--decode gpu needs a runner on a CUDA device, not cpu"):
+        run_inference([src], tmp_path / "out", runner=small_runner, overlap=16, decode="gpu", progress=False)
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(cli, ["infer", str(src), "-o", str(tmp_path / "o2"), "--backend", "torch",
+                                   "--model", str(checkpoint_path), "--device", "cpu", "--decode", "gpu"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "error: --decode gpu needs a runner on a CUDA device" in res.output
+    res = CliRunner().invoke(cli, ["infer", str(src), "--decode", "gpu", "--ray"])
+    assert res.exit_code == 2 and "--decode gpu is for single-process infer" in res.output
