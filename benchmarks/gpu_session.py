@@ -484,20 +484,27 @@ def _e2e_configs(ctx: Ctx) -> list[tuple[str, list[str]]]:
     return [("torch fp16", torch_fp16), ("ort fp32", ort32)]
 
 
+#: infer --decode variants timed end to end (E2E_DECODES="gpu" for a short rerun).
+E2E_DECODES = os.environ.get("E2E_DECODES", "gpu cpu").split()
+
+
 def step_e2e(ctx: Ctx) -> None:
     rec = Recorder(ctx, "e2e")
     for label, backend_args in _e2e_configs(ctx):
         if label.startswith("ort") and not ctx.dry and not ort_cuda():
             rec[label] = {"skipped": "no CUDAExecutionProvider"}
             continue
-        for photos in ("small", "large"):
-            key = f"{label} / {photos}"
-            report = ctx.out / f"e2e-{label.split()[0]}-{photos}.json"
+        for photos, decode in [(p, d) for d in E2E_DECODES for p in ("small", "large")]:
+            if decode == "gpu" and ctx.dry:
+                continue  # --decode gpu needs a CUDA runner
+            key = f"{label} / {photos} / decode {decode}"
+            report = ctx.out / f"e2e-{label.split()[0]}-{photos}-{decode}.json"
 
-            def run(backend_args=backend_args, photos=photos, report=report) -> dict[str, Any]:
+            def run(backend_args=backend_args, photos=photos, report=report, decode=decode) -> dict[str, Any]:
                 res = _cli(["bench", *backend_args, "--device", ctx.device, "--batch-sizes", str(ctx.batch),
                             "--warmup", str(ctx.warmup), "--iterations", str(ctx.iters), "--images",
-                            str(ctx.work / "photos" / photos), "--report", str(report), "--force"], timeout=150)
+                            str(ctx.work / "photos" / photos), "--decode", decode, "--report", str(report),
+                            "--force"], timeout=150)
                 if report.exists():
                     res["report"] = json.loads(report.read_text())
                 return res
@@ -591,6 +598,10 @@ def step_memory(ctx: Ctx) -> None:
 
 
 # -- (e) masks of the GPU path against the CPU fp32 path -----------------------------------------------
+#: Labels of the mask configs to run (MASK_CONFIGS="a;b"; default all).
+MASK_CONFIGS = [c for c in os.environ.get("MASK_CONFIGS", "").split(";") if c]
+
+
 def step_masks(ctx: Ctx) -> None:
     from PIL import Image
 
@@ -605,12 +616,12 @@ def step_masks(ctx: Ctx) -> None:
         if not (pick / p.name).exists():
             shutil.copy2(p, pick / p.name)
 
-    def masks(label: str, backend: str, model: Path, device: str, **kw) -> dict[str, Any]:
+    def masks(label: str, backend: str, model: Path, device: str, decode: str = "cpu", **kw) -> dict[str, Any]:
         out = ctx.work / f"masks-{label.replace(' ', '_')}"
         runner = create_runner(backend, model, device=device, **kw)
         t0 = time.perf_counter()
-        summary = run_inference([pick], out, runner=runner, batch_size=ctx.batch, progress=False, skip_existing=False) \
-            if not out.exists() else None
+        summary = run_inference([pick], out, runner=runner, batch_size=ctx.batch, progress=False, skip_existing=False,
+                                decode=decode) if not out.exists() else None
         if summary is not None and summary.failed:
             raise RuntimeError(f"failed: {summary.failed[:2]}")
         return {"dir": str(out), "seconds": round(time.perf_counter() - t0, 2)}
@@ -619,7 +630,9 @@ def step_masks(ctx: Ctx) -> None:
     if "error" in ref:
         return
     configs = [("torch fp32 (TF32 off)", "torch", ctx.model, {}), ("torch fp16", "torch", ctx.model, {"precision": "fp16"}),
-               ("ort fp32", "ort", ctx.onnx("fcn.onnx"), {}), ("ort fp16", "ort-fp16", ctx.onnx("fcn.fp16.onnx"), {})]
+               ("ort fp32", "ort", ctx.onnx("fcn.onnx"), {}), ("ort fp16", "ort-fp16", ctx.onnx("fcn.fp16.onnx"), {}),
+               ("torch fp32 (TF32 off), decode gpu", "torch", ctx.model, {"decode": "gpu"})]
+    configs = [c for c in configs if c[0] in MASK_CONFIGS] if MASK_CONFIGS else configs
     if ctx.dry:
         configs = [("ort fp32 (dry run, cpu)", "ort", ctx.onnx("fcn.onnx"), {})]
     for label, backend, model, kw in configs:

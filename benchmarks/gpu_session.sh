@@ -64,13 +64,13 @@ step 30 images images
 step 90 engine-ort16 engine ort16
 step 35 engine-torch engine torch
 step 50 engine-ort32 engine ort32
-step 100 e2e e2e
+step 300 e2e e2e
 step 40 memory memory
-step 60 masks masks
+step 90 masks masks
 if wanted gpu-tests && python3 -c "import pytest" 2>/dev/null && [ "$DRY" = 0 ]; then
   left=$((BUDGET - 10 - (SECONDS - START)))
   if [ "$left" -ge 20 ]; then
-    timeout -k 5 $((left < 60 ? left : 60)) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runners.py tests/test_assembler.py \
+    timeout -k 5 $((left < 60 ? left : 60)) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runners.py tests/test_assembler.py tests/test_arena.py tests/test_devicedecode.py \
       >"$OUT/gpu-tests.txt" 2>&1
     echo "== gpu tests: rc $? ($(tail -n 1 "$OUT/gpu-tests.txt"))"
   fi

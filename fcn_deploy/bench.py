@@ -366,11 +366,19 @@ STAGES = ("read", "decode", "tiles", "upload", "engine", "stitch", "download", "
 def _bench_pipeline(runner, images: Path, batch_size: int, engine_tiles_per_s: float,
                     decode: str = "cpu") -> dict[str, Any]:
     """Run the whole ``infer`` pipeline over ``images`` into a temporary folder; compare its
-    tiles/s with the engine alone at the same batch size; seconds per stage."""
+    tiles/s with the engine alone at the same batch size; seconds per stage. A warm-up run on
+    the first two images comes first (untimed, as the engine's warm-up calls): one-time costs
+    such as the JPEG decoder's set-up or a first batch shape are not counted."""
     from fcn_deploy.infer import run_inference
+    from fcn_deploy.inputs import collect_inputs
 
     with tempfile.TemporaryDirectory(prefix="fcn-bench-") as out:
-        summary = run_inference([images], out, runner=runner, batch_size=batch_size, progress=False, decode=decode)
+        first = [item.path for item in collect_inputs([images])[0][:2]]
+        if first:
+            run_inference(first, Path(out) / "warmup", runner=runner, batch_size=batch_size, progress=False,
+                          decode=decode)
+        summary = run_inference([images], Path(out) / "run", runner=runner, batch_size=batch_size, progress=False,
+                                decode=decode)
     stages = {k: round(summary.stages.get(k, 0.0), 3) for k in STAGES}
     return {
         "batch_size": batch_size,

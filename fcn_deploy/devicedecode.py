@@ -12,7 +12,7 @@ Two steps, so that file reading overlaps decoding:
 * :func:`read_encoded` (a thread of the I/O pool): the checks of ``load_rgb`` (regular file,
   pixel limit before decoding, one-line errors naming the file), the header (format, mode, EXIF
   orientation) and, for a baseline/progressive JPEG in RGB (YCbCr) mode, its bytes;
-* :func:`decode_batch` (one decoder thread): one batched device decode of the JPEGs, the EXIF
+* :func:`decode_batch` (:data:`DECODE_THREADS` decoder threads): one batched device decode of the JPEGs, the EXIF
   orientation applied on the device (as ``PIL.ImageOps.exif_transpose``); whatever the device
   decoder refuses (a corrupt file fails the whole batch: then each file alone), and every
   non-JPEG, grayscale or CMYK file, is decoded by PIL on the host.
@@ -46,6 +46,9 @@ MAX_BATCH_IMAGES = 32
 #: Declared pixels per batched device decode at most (one 12-megapixel photo already exceeds it:
 #: large photos are decoded one by one, so the first tiles start after one decode, not 32).
 MAX_BATCH_PIXELS = 8_000_000
+#: Threads calling the device decoder (torchvision's CUDA decoder is thread-safe): while one
+#: waits for its batch, the next batch's host-side work (Huffman decoding) goes on.
+DECODE_THREADS = 2
 _EXIF_ORIENTATION = 0x0112
 
 

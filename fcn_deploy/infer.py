@@ -35,7 +35,15 @@ from fcn_deploy.errors import (
     UsageError,
 )
 from fcn_deploy.fileio import remove_stale_temps
-from fcn_deploy.devicedecode import Encoded, as_host, batch_ends, check_decode, decode_batch, read_encoded
+from fcn_deploy.devicedecode import (
+    DECODE_THREADS,
+    Encoded,
+    as_host,
+    batch_ends,
+    check_decode,
+    decode_batch,
+    read_encoded,
+)
 from fcn_deploy.images import load_rgb
 from fcn_deploy.inputs import InputImage, check_output_dir, collect_inputs, refuse_overwriting_inputs
 from fcn_deploy.outputs import (
@@ -362,12 +370,12 @@ class _Pipeline:
             while (got := ready()) is not None:
                 yield got
             return
-        # --decode gpu: batches of read files, decoded by one decoder thread two batches ahead
-        decoder = ThreadPoolExecutor(1, "fcn-deploy-decode")
+        # --decode gpu: batches of read files, decoded by DECODE_THREADS threads, one batch more ahead
+        decoder = ThreadPoolExecutor(DECODE_THREADS, "fcn-deploy-decode")
         chunks: deque[tuple[list[InputImage], Future]] = deque()
         try:
             while True:
-                while len(chunks) < 2:
+                while len(chunks) <= DECODE_THREADS:
                     chunk: list[tuple[InputImage, Encoded]] = []
                     while not batch_ends([e for _, e in chunk]) and (got := ready()) is not None:
                         chunk.append(got)

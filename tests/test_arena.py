@@ -149,3 +149,24 @@ def test_small_images_stay_within_the_memory_bound(monkeypatch):
     peak = int(np.max(np.cumsum([b for _, b in events])))
     bound = torch_memory_bound(grid, C, B)
     assert asm.arena.memory_bytes() <= peak <= bound, (asm.arena.memory_bytes(), peak, bound)
+
+
+@pytest.mark.gpu
+def test_cuda_arena_masks_equal_numpy():
+    """On CUDA (index_add_ with atomics): the masks of many small photos, mixed sizes, across
+    batches, equal the numpy path's (sums of a few float32 terms: no order effects seen)."""
+    sizes = [(375, 500), (500, 375), (1, 1), (320, 480), (333, 500), (375, 500)] * 3
+    args = ((320, 480), 8, IMAGENET_MEAN, IMAGENET_STD)
+    expected = _masks(NumpyAssembler(*args), sizes, 21, overlap=128)
+    asm = TorchAssembler(*args, device="cuda")
+    rng = np.random.default_rng(0)
+    jobs = [ImageJob(k, rng.integers(0, 256, (*hw, 3), dtype=np.uint8), plan_tiles(*hw, (320, 480), 128))
+            for k, hw in enumerate(sizes)]
+    done = []
+    for batch in asm.batches(jobs):
+        assert batch.tiles.shape[0] == 8  # the last batch keeps the batch shape on CUDA
+        done += asm.add(batch, torch.from_numpy(_logits(batch.keys, 21, (320, 480))).cuda(), "logits")
+    assert [job.key for job in done] == list(range(len(sizes))) and asm.arena is not None
+    same = sum(int((job.labels == e).sum()) for job, e in zip(done, expected))
+    total = sum(e.size for e in expected)
+    assert same == total, f"{total - same} of {total} pixels differ"

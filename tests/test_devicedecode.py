@@ -142,3 +142,19 @@ def test_decode_gpu_without_a_cuda_runner_is_one_line(small_runner, checkpoint_p
     assert "error: --decode gpu needs a runner on a CUDA device" in res.output
     res = CliRunner().invoke(cli, ["infer", str(src), "--decode", "gpu", "--ray"])
     assert res.exit_code == 2 and "--decode gpu is for single-process infer" in res.output
+
+
+@pytest.mark.gpu
+def test_nvjpeg_decodes_close_to_pil_in_every_orientation(tmp_path):
+    """nvJPEG (torchvision on CUDA): the displayed orientation of PIL, pixels within a few grey
+    levels of libjpeg-turbo's (its IDCT and upsampling differ)."""
+    rgb = np.asarray(Image.fromarray(_rgb(47, 63)).resize((630, 470)))
+    paths = [_jpeg(tmp_path / f"o{o}.jpg", rgb, o) for o in range(1, 9)]
+    results = decode_batch([read_encoded(p) for p in paths], "cuda")
+    for path, image in zip(paths, results):
+        assert image.is_cuda and image.dtype.is_floating_point is False
+        expected = load_rgb(path).astype(np.int16)
+        got = image.cpu().numpy().astype(np.int16)
+        assert got.shape == expected.shape
+        diff = np.abs(got - expected)
+        assert diff.mean() < 1.0 and np.percentile(diff, 99.9) <= 8, (path.name, diff.mean(), diff.max())
