@@ -170,3 +170,34 @@ def test_cuda_arena_masks_equal_numpy():
     same = sum(int((job.labels == e).sum()) for job, e in zip(done, expected))
     total = sum(e.size for e in expected)
     assert same == total, f"{total - same} of {total} pixels differ"
+
+
+def test_short_last_batch_keeps_the_batch_shape(checkpoint_path):
+    """With keep_batch_shape (the default on CUDA), every runner call gets the full batch size,
+    the zero tiles after the real ones change no mask and are not counted as tiles run."""
+    from fcn_deploy.runners.torch_runner import TorchRunner
+    from fcn_deploy.segmenter import Segmenter
+
+    rng = np.random.default_rng(5)
+    photos = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in [(50, 70), (100, 150), (64, 96)]]
+    with TorchRunner(checkpoint_path, tile_hw=(64, 96)) as runner:
+        calls = []
+        infer = runner._infer_tensor
+
+        def recording(tiles, output):
+            calls.append(tuple(tiles.shape))
+            return infer(tiles, output)
+
+        runner._infer_tensor = recording
+        with Segmenter(runner, batch_size=4, overlap=16, assembler="numpy") as seg:
+            expected = [seg.predict(p) for p in photos]
+            expected_tiles = seg.tiles_run
+        assert expected_tiles == 1 + 4 + 1  # photos of 1, 4 and 1 tiles: two short batches
+        with Segmenter(runner, batch_size=4, overlap=16, assembler="torch") as seg:
+            assert not seg.assembler.keep_batch_shape  # the default on the CPU
+            seg.assembler.keep_batch_shape = True
+            got = [seg.predict(p) for p in photos]
+            assert seg.tiles_run == expected_tiles  # zero tiles not counted
+        assert calls == [(4, 3, 64, 96)] * 3  # one batch shape only
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(g, e)

@@ -307,6 +307,10 @@ class TorchAssembler(Assembler):
         self._indexes: dict[tuple[int, int], GridIndex] = {}
         #: The small-image arena (:mod:`fcn_deploy.tiling.arena`), made at the first small image.
         self.arena: SmallImageArena | None = None
+        #: The last, short batch keeps the batch size (zero tiles after the real ones): on CUDA
+        #: a new batch shape would cost the engine a new cuDNN algorithm search (onnxruntime's
+        #: default is exhaustive) or a new autotuning; on the CPU the zero tiles would cost more.
+        self.keep_batch_shape = self._cuda
 
     def upload(self, rgb):
         """(H, W, 3) uint8 numpy -> the same as a uint8 tensor on the device (on CUDA through
@@ -365,8 +369,8 @@ class TorchAssembler(Assembler):
                     buf, keys = None, []
             del image
         if keys:
-            if self._cuda:  # the full batch shape (zeros after the tiles): no new shape for the engine
-                buf[len(keys):].zero_()  # to tune (cuDNN's algorithm search, a TensorRT profile)
+            if self.keep_batch_shape:  # zeros after the tiles
+                buf[len(keys):].zero_()
                 yield Batch(buf, keys)
             else:
                 yield Batch(buf[: len(keys)], keys)
