@@ -13,7 +13,10 @@ One interface, :class:`Assembler`, two implementations chosen per device by
   CUDA); its tiles are cut and normalised on the device into the batch tensor; the
   window-weighted logits are accumulated on the device in a ring buffer of one band of tile
   rows; the argmax runs on the device; only the uint8 labels (and, if asked, the averaged
-  logits as float16) cross to the host, one band at a time. The default on CUDA.
+  logits as float16) cross to the host, one band at a time. The default on CUDA. Small
+  images (class sums of at most :data:`WHOLE_IMAGE_BAND_BYTES`, logits not saved) share the
+  :class:`~fcn_deploy.tiling.arena.SmallImageArena` instead: one accumulation and one argmax
+  per batch however many photos it holds.
 
 Both do the same float32 arithmetic in the same order (normalisation ``x * (1 / (255 * std))
 - mean / std``; padding of :func:`~fcn_deploy.tiling.grid.pad_tile`; windows of
@@ -31,9 +34,12 @@ Memory of one image in flight, with C classes, an H x W image, tiles th x tw, a 
   cols*tw)`` (the grid's index tensors), plus, for the pipeline around it, ``6 * B*3*th*tw*4``
   (tile batches queued, on the device and awaiting stitching) and ``3 * B*C*th*tw*4`` (runner
   results not yet stitched: the Segmenter lets at most
-  :data:`~fcn_deploy.segmenter.DEVICE_BATCHES_IN_FLIGHT` batches run ahead on the device). On the host: the (H, W) uint8 label map (pinned on
-  CUDA). Never (C, H, W) beyond the 32 MiB above. ``tests/test_assembler.py`` traces this for
-  8000x8000 on the CPU, the GPU session on CUDA.
+  :data:`~fcn_deploy.segmenter.DEVICE_BATCHES_IN_FLIGHT` batches run ahead on the device).
+  On the host: the (H, W) uint8 label map (pinned on CUDA). Never (C, H, W) beyond the 32 MiB
+  above. For a small image the arena comes on top (:func:`~fcn_deploy.tiling.arena.arena_bytes`,
+  its argmax temporaries ``14 * (B*th*tw + P)`` and index maps ``12 * (rows*th + cols*tw)``),
+  allocated once for all small images. ``tests/test_assembler.py`` traces this for 8000x8000
+  on the CPU, ``tests/test_arena.py`` for small photos, the GPU session on CUDA.
 * NumpyAssembler: the Stitcher's ``(C + 1) * min(th, H) * W * 4 + H*W`` plus the batches.
 
 The pipeline bounds how many images and batches are in flight (bounded queues).
@@ -50,6 +56,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
+from fcn_deploy.tiling.arena import SmallImageArena, Slot, arena_bytes
 from fcn_deploy.tiling.grid import (
     DEFAULT_PAD_MODE,
     DEFAULT_WINDOW,
@@ -62,8 +69,6 @@ from fcn_deploy.tiling.grid import (
     pad_tile,
     ring_pieces,
 )
-
-from fcn_deploy.tiling.arena import SmallImageArena, Slot, arena_bytes
 
 Output = Literal["logits", "labels"]
 
@@ -78,8 +83,9 @@ ASSEMBLER_KINDS: tuple[str, ...] = ("auto", "numpy", "torch")
 class StageClock:
     """Seconds per pipeline stage, summed over calls and threads (``time.perf_counter``).
 
-    Stages: ``read`` (``--decode gpu``: files read and checked), ``decode``, ``tiles`` (cut and normalise, upload included), ``upload``, ``engine``,
-    ``stitch`` (accumulate and argmax, download included), ``download``, ``encode``. Summed
+    Stages: ``read`` (``--decode gpu``: files read and checked), ``decode``, ``tiles`` (cut and
+    normalise, upload included), ``upload``, ``engine``, ``stitch`` (accumulate and argmax,
+    download included), ``download``, ``encode``. Summed
     over threads, so stages that overlap can add up to more than the wall time. On CUDA the
     host only enqueues work: ``upload`` is the pinned staging copy plus the enqueue of the
     device copy, ``engine`` what the runner's ``infer`` blocks for, and ``download`` the
