@@ -76,9 +76,8 @@ def read_encoded(path: str | os.PathLike, limit: int | None = None) -> Encoded:
             width, height = img.size
             check_size(path, width, height, limit)
             jpeg = img.format == "JPEG" and img.mode == "RGB"
-            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1)) if jpeg else 1
-    if orientation not in range(1, 9):
-        orientation = 1  # exif_transpose ignores values it does not know
+            value = img.getexif().get(_EXIF_ORIENTATION, 1) if jpeg else 1
+    orientation = int(value) if value in range(2, 9) else 1  # as exif_transpose: others are ignored
     return Encoded(path, data if jpeg else None, orientation, width * height)
 
 

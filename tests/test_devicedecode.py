@@ -48,6 +48,13 @@ def test_every_exif_orientation_matches_pil(tmp_path):
         np.testing.assert_array_equal(image.numpy(), expected)
 
 
+def test_an_unknown_orientation_is_ignored_as_pil_does(tmp_path):
+    path = _jpeg(tmp_path / "o9.jpg", _rgb(21, 34), 9)
+    encoded = read_encoded(path)
+    assert encoded.orientation == 1
+    np.testing.assert_array_equal(decode_batch([encoded], "cpu")[0].numpy(), load_rgb(path))
+
+
 def test_pil_decodes_what_the_device_decoder_does_not_take(tmp_path):
     rgb = _rgb(20, 30, 1)
     png = tmp_path / "a.png"
