@@ -201,3 +201,74 @@ def test_short_last_batch_keeps_the_batch_shape(checkpoint_path):
         assert calls == [(4, 3, 64, 96)] * 3  # one batch shape only
     for e, g in zip(expected, got):
         np.testing.assert_array_equal(g, e)
+
+
+def test_images_finish_in_order_when_saved_logits_and_the_arena_mix():
+    """Images whose logits are saved take the band stitcher, the others the arena: whichever
+    path an image takes, the images come back in the order given (a band image finishing right
+    after an arena image in one batch included) with the numpy path's masks."""
+    sizes = [(30, 50), (16, 24), (40, 40), (10, 12), (30, 50), (16, 24), (45, 70)]
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes]
+    results = {}
+    for asm in (NumpyAssembler(TILE, 5, IMAGENET_MEAN, IMAGENET_STD),
+                TorchAssembler(TILE, 5, IMAGENET_MEAN, IMAGENET_STD, device="cpu")):
+        jobs = [ImageJob(k, rgb, plan_tiles(*rgb.shape[:2], TILE, 6)) for k, rgb in enumerate(images)]
+        for job in jobs[1::2]:  # every second image saves its logits (a 1-tile one among them)
+            job.logits_out = lambda c, job=job: np.zeros((c, job.grid.height, job.grid.width), np.float32)
+        done = []
+        for batch in asm.batches(jobs):
+            result = _logits(batch.keys, 3, TILE)
+            done += asm.add(batch, result if asm.kind == "numpy" else torch.from_numpy(result), "logits")
+        assert [job.key for job in done] == list(range(len(sizes)))
+        results[asm.kind] = [job.labels for job in done]
+    for e, g in zip(results["numpy"], results["torch"]):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_runs_of_one_size_apart_in_a_batch_and_many_sizes():
+    """Tiles of same-sized photos separated by a photo of another size (one accumulation per
+    size, gathered by position), and more image sizes than the index-map cache holds."""
+    sizes = [(30, 50), (40, 40), (30, 50), (16, 24), (30, 50)] + [(20 + i, 30 + i) for i in range(18)]
+    args = (TILE, 32, IMAGENET_MEAN, IMAGENET_STD)
+    expected = _masks(NumpyAssembler(*args), sizes, 3)
+    asm = TorchAssembler(*args, device="cpu")
+    got = _masks(asm, sizes, 3)
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(g, e)
+    assert len(asm.arena._maps) == 16  # the cache keeps the last 16 sizes
+
+
+def test_allocation_never_overlaps_a_live_image():
+    """The ring refuses a slot that would overwrite the oldest live image (the capacity rules
+    that out; this checks the guard itself on an arena made too small on purpose)."""
+    from fcn_deploy.tiling.arena import SmallImageArena
+
+    arena = SmallImageArena(torch, "cpu", 2, 1, (4, 4), window="uniform", floor=0.1, band_bytes=2 * 4 * 10)
+    arena.capacity = 21  # slots 1..20
+    a = arena._allocate(8)
+    b = arena._allocate(8)
+    assert (a.offset, b.offset) == (1, 9)
+    arena._live.remove(a)  # the oldest image finished: pixels 1..8 are free again
+    c = arena._allocate(8)  # does not fit at 17..24: wraps to 1, ending exactly where b starts
+    assert c.offset == 1
+    with pytest.raises(AssertionError, match="no room for 4 before 9"):
+        arena._allocate(4)  # would start at 9: b is still there
+    arena._live.remove(b)
+    arena._live.remove(c)
+    arena._head = 9
+    d = arena._allocate(8)  # [9, 17)
+    arena._allocate(4)  # [17, 21): fits exactly before the end
+    with pytest.raises(AssertionError, match="no room for 9 before 9"):
+        arena._allocate(9)  # wraps to 1: [1, 10) would run into d at 9
+    assert d.offset == 9
+
+
+def test_arena_add_refuses_tiles_beyond_the_grid():
+    asm = TorchAssembler(TILE, 8, IMAGENET_MEAN, IMAGENET_STD, device="cpu")
+    job = ImageJob(0, None, plan_tiles(30, 40, TILE, 6))
+    assert asm._in_arena(job, 3)
+    count = job.grid.count
+    result = torch.zeros((count + 1, 3, *TILE))
+    with pytest.raises(IndexError, match=rf"tiles \[0, {count + 1}\) out of range \[0, {count}\)"):
+        asm.arena.add([(job, 0, 0, count + 1)], result)

@@ -78,15 +78,15 @@ class _GridMaps:
         rows[:, h:] = _OUTSIDE
         cols = np.asarray(grid.xs)[:, None] + np.arange(tw)[None, :]
         cols[:, w:] = _OUTSIDE
-        self.row_base = torch.from_numpy(rows.astype(np.int64)).to(dev)
-        self.col_base = torch.from_numpy(cols.astype(np.int64)).to(dev)
+        self.row_base = torch.from_numpy(rows.astype(np.int64)).to(dev)  # pragma: no mutate
+        self.col_base = torch.from_numpy(cols.astype(np.int64)).to(dev)  # pragma: no mutate
         self.win_rows = self.win_cols = None
         if arena.window != "uniform":
             last_r, last_c = grid.rows - 1, grid.cols - 1
             wy = [_axis_window(th, arena.window, arena.floor, r == 0, r == last_r) for r in range(grid.rows)]
             wx = [_axis_window(tw, arena.window, arena.floor, c == 0, c == last_c) for c in range(grid.cols)]
-            self.win_rows = torch.from_numpy(np.stack(wy)).to(dev)
-            self.win_cols = torch.from_numpy(np.stack(wx)).to(dev)
+            self.win_rows = torch.from_numpy(np.stack(wy)).to(dev)  # pragma: no mutate
+            self.win_cols = torch.from_numpy(np.stack(wx)).to(dev)  # pragma: no mutate
 
 
 class SmallImageArena:
@@ -113,17 +113,13 @@ class SmallImageArena:
         self._head = 1  # next free pixel (slot 0 takes the padding pixels)
         self._maps: dict[TileGrid, _GridMaps] = {}
 
-    def fits(self, grid: TileGrid) -> bool:
-        """True when an image of ``grid`` is small (its sums may live here)."""
-        return grid.height * grid.width <= self.max_pixels
-
     def _allocate(self, size: int) -> Slot:
         start = self._head
         if start + size > self.capacity:
             start = 1  # wrap: the module docstring's capacity guarantees room before the oldest
         tail = self._live[0].offset if self._live else None
-        if tail is not None and start <= tail < start + size:
-            raise AssertionError(f"arena of {self.capacity} pixels full")  # pragma: no cover
+        if tail is not None and start <= tail < start + size:  # the capacity rules it out
+            raise AssertionError(f"arena of {self.capacity} pixels: no room for {size} before {tail}")
         slot = Slot(start, size)
         self._live.append(slot)
         self._head = start + size
@@ -185,7 +181,7 @@ class SmallImageArena:
             i += k
         table = torch.from_numpy(host)
         if self._cuda:
-            table = table.pin_memory().to(self.device, non_blocking=True)
+            table = table.pin_memory().to(self.device, non_blocking=True)  # pragma: no mutate
         rows, cols, offsets, positions = table
         maps = self.maps(grid)
         index = maps.row_base.index_select(0, rows)[:, :, None] + maps.col_base.index_select(0, cols)[:, None, :]
@@ -223,6 +219,7 @@ class SmallImageArena:
             labels = index.to(torch.uint8).masked_fill_(torch.isnan(best), 255)
             self.sums[:, start:stop].zero_()
             if self._cuda:
+                # pragma: no mutate block (CUDA only, run by the gpu tests: docs/testing.md)
                 pinned = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=True)
                 pinned.copy_(labels, non_blocking=True)
                 pieces.append(pinned.numpy())
@@ -239,9 +236,10 @@ class SmallImageArena:
 
 
 def _event_wait(torch) -> Callable[[], None]:
-    event = torch.cuda.Event()
-    event.record()
-    return event.synchronize
+    """(CUDA) A function waiting for the work queued so far on the current stream."""
+    event = torch.cuda.Event()  # pragma: no mutate
+    event.record()  # pragma: no mutate
+    return event.synchronize  # pragma: no mutate
 
 
 def _labels_of(flat: np.ndarray, start: int, grid: TileGrid, wait: Callable[[], None] | None) -> Callable[[], np.ndarray]:
