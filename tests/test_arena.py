@@ -226,11 +226,14 @@ def test_images_finish_in_order_when_saved_logits_and_the_arena_mix():
         np.testing.assert_array_equal(g, e)
 
 
-def test_runs_of_one_size_apart_in_a_batch_and_many_sizes():
+@pytest.mark.parametrize("batch_size", [20, 32])
+def test_runs_of_one_size_apart_in_a_batch_and_many_sizes(batch_size):
     """Tiles of same-sized photos separated by a photo of another size (one accumulation per
     size, gathered by position), and more image sizes than the index-map cache holds."""
-    sizes = [(30, 50), (40, 40), (30, 50), (16, 24), (30, 50)] + [(20 + i, 30 + i) for i in range(18)]
-    args = (TILE, 32, IMAGENET_MEAN, IMAGENET_STD)
+    # 30x50 photos (9 tiles) 2 tiles apart (a 16x40 photo), then 8 (40x40): batch 20 ends
+    # after the second 30x50 photo
+    sizes = [(30, 50), (16, 40), (30, 50), (40, 40), (30, 50)] + [(20 + i, 30 + i) for i in range(18)]
+    args = (TILE, batch_size, IMAGENET_MEAN, IMAGENET_STD)
     expected = _masks(NumpyAssembler(*args), sizes, 3)
     asm = TorchAssembler(*args, device="cpu")
     got = _masks(asm, sizes, 3)
@@ -258,7 +261,7 @@ def test_allocation_never_overlaps_a_live_image():
     arena._live.remove(c)
     arena._head = 9
     d = arena._allocate(8)  # [9, 17)
-    arena._allocate(4)  # [17, 21): fits exactly before the end
+    assert arena._allocate(4).offset == 17  # [17, 21): fits exactly before the end
     with pytest.raises(AssertionError, match="no room for 9 before 9"):
         arena._allocate(9)  # wraps to 1: [1, 10) would run into d at 9
     assert d.offset == 9
@@ -272,3 +275,21 @@ def test_arena_add_refuses_tiles_beyond_the_grid():
     result = torch.zeros((count + 1, 3, *TILE))
     with pytest.raises(IndexError, match=rf"tiles \[0, {count + 1}\) out of range \[0, {count}\)"):
         asm.arena.add([(job, 0, 0, count + 1)], result)
+
+
+def test_arena_checks_its_class_count_and_the_finishing_order():
+    from fcn_deploy.tiling.arena import SmallImageArena
+
+    kw = dict(window="hann", floor=0.1, band_bytes=1 << 12)
+    for bad in (0, 256):
+        with pytest.raises(ValueError, match=rf"num_classes must be in \[1, 255\] for uint8 labels, got {bad}"):
+            SmallImageArena(torch, "cpu", bad, 1, (4, 4), **kw)
+    for good in (1, 255):
+        assert SmallImageArena(torch, "cpu", good, 1, (4, 4), **kw).sums.shape[0] == good
+    asm = TorchAssembler(TILE, 8, IMAGENET_MEAN, IMAGENET_STD, device="cpu")
+    first, second = (ImageJob(k, None, plan_tiles(16, 24, TILE, 6)) for k in range(2))
+    for job in (first, second):
+        assert asm._in_arena(job, 3)
+        job._acc = asm.arena._allocate(16 * 24)
+    with pytest.raises(AssertionError, match="arena images finish in arrival order"):
+        asm.arena._finish([second])  # the first is still live
