@@ -23,10 +23,12 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# MUTATE=tiling (or several, space-separated) limits the run to those modules; JOBS=2 runs two
-# mutants at a time. Results and work folders go to mutants/.
+# MUTATE=tiling (or several, space-separated) limits the run to those modules; JOBS mutants run at
+# a time: 2 fills an otherwise idle 2-core machine; JOBS=1 on a machine shared with other work
+# (the whole scope took 31 min with one worker on a loaded 2-core machine: docs/testing.md).
+# Results and work folders go to mutants/.
 MUTATE ?=
-JOBS   ?= 1
+JOBS   ?= 2
 mutate: venv
 	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q -e '.[$(EXTRAS),mutation]'
 	$(BIN)/python mutation/run.py --jobs $(JOBS) $(MUTATE)

@@ -8,6 +8,22 @@ import pytest
 import torch
 
 
+try:
+    from hypothesis import Phase, settings
+except ImportError:  # hypothesis is in the test extra
+    settings = None
+if settings is not None:
+    # Property tests take their example count from the active profile (no max_examples of their
+    # own): "fcn-deploy" for every pytest run, CI included; "mutation" for the mutant runs of
+    # mutation/run.py (``--hypothesis-profile=mutation``), where a property test runs once per
+    # mutant that reaches it: fewer examples, and no shrinking (a failing example already kills
+    # the mutant; its minimal form is not needed). See docs/testing.md.
+    settings.register_profile("fcn-deploy", max_examples=200, deadline=None)
+    settings.register_profile("mutation", max_examples=25, deadline=None, database=None,
+                              phases=[Phase.explicit, Phase.generate])
+    settings.load_profile("fcn-deploy")  # --hypothesis-profile, when given, loads another one later
+
+
 def _cuda_available() -> bool:
     try:
         return torch.cuda.is_available()

@@ -441,6 +441,7 @@ class TorchAssembler(Assembler):
         labels = labels.to(torch.uint8)
         if not self._cuda:
             return labels.numpy(), lambda: None
+        # pragma: no mutate block (CUDA only, run by the gpu tests: docs/testing.md)
         pinned = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=True)
         pinned.copy_(labels, non_blocking=True)
         event = torch.cuda.Event()
@@ -524,7 +525,7 @@ class TorchStitcher:
             None if logits_out is None else torch.zeros((band_h, grid.width), dtype=torch.float32, device=dev)
         )
         self._labels = np.empty((grid.height, grid.width), dtype=np.uint8)
-        self._downloads: list[tuple[slice, Any]] = []  # CUDA: (image rows, pinned labels) in flight
+        self._downloads: list[tuple[slice, Any]] = []  # pragma: no mutate (CUDA: image rows, pinned labels in flight)
         self._added = np.zeros(grid.count, dtype=bool)
         self._row = 0
         self.rows_done = 0
@@ -604,6 +605,7 @@ class TorchStitcher:
         downloads, self._downloads = self._downloads, []
         if not downloads:
             return lambda: self._labels
+        # pragma: no mutate block (CUDA only, run by the gpu tests: docs/testing.md)
         event = self.torch.cuda.Event()
         event.record()
 
@@ -629,6 +631,7 @@ class TorchStitcher:
             best, index = torch.max(acc, dim=0)
             labels = index.to(torch.uint8).masked_fill_(torch.isnan(best), 255)
             if self.asm._cuda:  # queued, not waited for: labels_later() waits
+                # pragma: no mutate block (CUDA only, run by the gpu tests: docs/testing.md)
                 pinned = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=True)
                 pinned.copy_(labels, non_blocking=True)
                 self._downloads.append((rows, pinned))
