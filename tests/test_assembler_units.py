@@ -627,7 +627,7 @@ def _torch_cpu_peak(prof) -> int:
     return int(np.max(np.cumsum([b for _, b in events])))
 
 
-@pytest.mark.parametrize("band,save", [("whole", False), ("banded", False), ("banded", True)])
+@pytest.mark.parametrize("band,save", [("whole", False), ("whole", True), ("banded", False), ("banded", True)])
 def test_torch_memory_bound_holds_on_a_small_grid(band, save, monkeypatch):
     """Everything torch allocates while a 200x300 image goes through the torch assembler (its
     averaged logits saved or not) stays within :func:`torch_memory_bound` (less the uint8 image,

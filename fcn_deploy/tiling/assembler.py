@@ -29,7 +29,8 @@ Memory of one image in flight, with C classes, an H x W image, tiles th x tw, a 
   image, released once its tiles are cut) ``+ (C + 1) * R * W * 4`` (band and, only when the
   logits are saved, weights; R = H when ``C*H*W*4`` <= :data:`WHOLE_IMAGE_BAND_BYTES`, else
   ``min(th, H)``) ``+ 14 * R * W`` (argmax temporaries: maximum float32, index int64, NaN
-  mask, uint8 labels) ``+ 2*B*C*th*tw*4 + 7*B*th*tw`` (one group's weighted logits and their
+  mask, uint8 labels) ``+ 6 * C * R * W`` (saved logits: their float32 mean and float16 copy)
+  ``+ 2*B*C*th*tw*4 + 7*B*th*tw`` (one group's weighted logits and their
   reordered copy, its windows and gathered uint8 pixels) ``+ 40 * (count + rows*th +
   cols*tw)`` (the grid's index tensors), plus, for the pipeline around it, ``6 * B*3*th*tw*4``
   (tile batches queued, on the device and awaiting stitching) and ``3 * B*C*th*tw*4`` (runner
@@ -307,9 +308,9 @@ class TorchAssembler(Assembler):
 
         self.torch = torch
         self.device = torch.device(device)
-        self._cuda = self.device.type == "cuda"
-        self._scale = torch.from_numpy(self.scale).to(self.device)
-        self._shift = torch.from_numpy(self.shift).to(self.device)
+        self._cuda = self.device.type == "cuda"  # pragma: no mutate (CPU tests cannot tell)
+        self._scale = torch.from_numpy(self.scale).to(self.device)  # pragma: no mutate (device: CUDA only)
+        self._shift = torch.from_numpy(self.shift).to(self.device)  # pragma: no mutate (device: CUDA only)
         self._indexes: dict[tuple[int, int], GridIndex] = {}
         #: The small-image arena (:mod:`fcn_deploy.tiling.arena`), made at the first small image.
         self.arena: SmallImageArena | None = None
@@ -328,7 +329,8 @@ class TorchAssembler(Assembler):
         src = torch.from_numpy(np.ascontiguousarray(rgb))
         if not self._cuda:
             return src.to(self.device)
-        with self.clock("upload"):
+        with self.clock("upload"):  # pragma: no mutate
+            # pragma: no mutate block (CUDA only, run by the gpu tests: docs/testing.md)
             staged = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
             staged.copy_(src)
             return staged.to(self.device, non_blocking=True)
@@ -656,7 +658,7 @@ def torch_memory_bound(grid: TileGrid, num_classes: int, batch_size: int) -> int
     th, tw = grid.tile_hw
     small = C * H * W * 4 <= WHOLE_IMAGE_BAND_BYTES
     R = H if small else min(th, H)
-    bound = (3 * H * W + (C + 1) * R * W * 4 + 14 * R * W + 2 * B * C * th * tw * 4 + 7 * B * th * tw
+    bound = (3 * H * W + (C + 1) * R * W * 4 + 14 * R * W + 6 * C * R * W + 2 * B * C * th * tw * 4 + 7 * B * th * tw
              + 40 * (grid.count + grid.rows * th + grid.cols * tw) + 6 * B * 3 * th * tw * 4 + 3 * B * C * th * tw * 4)
     if small:  # or in the arena (saved logits take the band): its sums, argmax temporaries, maps
         bound += (arena_bytes(B, (th, tw), C, WHOLE_IMAGE_BAND_BYTES)
