@@ -3,6 +3,7 @@ checks before work, the overwrite check, file hashing; and errors.first_line."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,7 +15,8 @@ import textwrap
 
 import pytest
 
-from fcn_deploy.errors import ArtifactExistsError, FcnDeployError, first_line
+from fcn_deploy import fileio
+from fcn_deploy.errors import ArtifactExistsError, DiskFullError, FcnDeployError, OutputWriteError, first_line
 from fcn_deploy.fileio import (
     TEMP_NAME,
     atomic_path,
@@ -23,22 +25,35 @@ from fcn_deploy.fileio import (
     remove_stale_temps,
     sha256_file,
     write_bytes_atomic,
+    write_error,
     write_json_atomic,
 )
 
 MIB = 1 << 20
 
 
-@pytest.fixture()
-def umask_027():
-    old = os.umask(0o027)
-    yield
-    os.umask(old)
+@pytest.mark.parametrize("umask, mode", [(0o027, 0o640), (0o022, 0o644), (0o000, 0o666)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_bytes_atomic(tmp_path / "a.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == mode  # mkstemp gave 0600
 
 
-def test_written_files_follow_the_umask(tmp_path, umask_027):
-    write_bytes_atomic(tmp_path / "a.bin", b"x")
-    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640  # mkstemp gave 0600
+def test_atomic_path_never_reuses_an_existing_temporary(tmp_path, monkeypatch):
+    """Two writers drawing the same random name: the second draws again and leaves the first's
+    temporary as it was."""
+    draws = iter(["aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(fileio.secrets, "token_hex", lambda nbytes: next(draws))
+    other = tmp_path / ".out.bin.aaaaaaaa.tmp"
+    other.write_bytes(b"another writer's data")
+    with atomic_path(tmp_path / "out.bin") as tmp:
+        assert tmp.name == ".out.bin.bbbbbbbb.tmp"
+        tmp.write_bytes(b"mine")
+    assert other.read_bytes() == b"another writer's data"
+    assert (tmp_path / "out.bin").read_bytes() == b"mine"
 
 
 def test_check_output_file_before_any_work(tmp_path):
@@ -70,6 +85,36 @@ def test_check_output_file_unwritable_folder(tmp_path):
         locked.chmod(0o700)
 
 
+def test_check_output_file_unwritable_folder_any_user(tmp_path, monkeypatch):
+    """As test_check_output_file_unwritable_folder, also as root (which the mode bits do not stop):
+    the OS answers that the folder cannot be written or searched."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+
+    def access(path, mode, **kw):  # what the OS says of a 0500 folder to a non-root user
+        if os.fspath(path) == os.fspath(locked) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(FcnDeployError) as info:
+        check_output_file(locked / "sub" / "m.pt", False, "-o")
+    assert str(info.value) == f"-o {locked / 'sub' / 'm.pt'}: folder {locked} is not writable"
+    assert check_output_file(tmp_path / "m.pt", False, "-o") == tmp_path / "m.pt"
+
+
+def test_check_output_file_messages_without_an_option(tmp_path):
+    with pytest.raises(FcnDeployError) as info:
+        check_output_file(tmp_path, True)
+    assert str(info.value) == f"{tmp_path} is a directory, expected a file path"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FcnDeployError) as info:
+        check_output_file(tmp_path / "afile" / "r.json", True)
+    assert str(info.value) == (f"{tmp_path / 'afile' / 'r.json'}: cannot create a folder there, "
+                               f"{tmp_path / 'afile'} is a file")
+
+
 def test_interrupt_leaves_no_temporary(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with atomic_path(tmp_path / "m.pt") as tmp:
@@ -89,6 +134,24 @@ def test_remove_stale_temps_only_touches_our_pattern(tmp_path):
     removed = remove_stale_temps(tmp_path, (".png", ".logits.npy"))
     assert sorted(removed) == sorted(stale)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+def test_remove_stale_temps_skips_a_temporary_removed_meanwhile(tmp_path, monkeypatch):
+    """Two cleaners at once: a temporary the other one removed after the folder was listed is
+    neither an error nor reported as removed."""
+    gone, stale = tmp_path / ".a.png.00000000.tmp", tmp_path / ".b.png.11111111.tmp"
+    gone.write_bytes(b"")
+    stale.write_bytes(b"")
+    real_walk = os.walk
+
+    def walk(top, *args, **kw):
+        for entry in real_walk(top, *args, **kw):
+            gone.unlink(missing_ok=True)  # the other cleaner, between listing and unlink
+            yield entry
+
+    monkeypatch.setattr(os, "walk", walk)
+    assert remove_stale_temps(tmp_path, (".png",)) == [stale]
+    assert os.listdir(tmp_path) == []
 
 
 def test_file_size_limit_is_one_line_and_leaves_no_temporary(tmp_path):
@@ -111,6 +174,44 @@ def test_file_size_limit_is_one_line_and_leaves_no_temporary(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ERROR cannot write ") and "big.bin" in res.stdout
     assert "file-size limit" in res.stdout
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, cls, suffix", [
+    (errno.ENOSPC, DiskFullError, "; the disk is full, stopping"),
+    (errno.EDQUOT, DiskFullError, "; the disk is full, stopping"),
+    (errno.EFBIG, OutputWriteError, " (a file-size limit was reached)"),
+    (errno.EIO, OutputWriteError, ""),
+    (errno.EACCES, OutputWriteError, ""),
+    (errno.EROFS, OutputWriteError, ""),
+])
+def test_write_error_in_atomic_path_is_one_line(tmp_path, code, cls, suffix):
+    """An OSError while writing (as tmp.write_bytes on a full disk raises it): one line naming
+    the file, the errno kept, the old file kept and no temporary left."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(OutputWriteError) as info:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(code, os.strerror(code))
+    assert type(info.value) is cls
+    assert str(info.value) == f"cannot write {target}: {os.strerror(code)}{suffix}"
+    assert info.value.errno == code and info.value.disk_full == (cls is DiskFullError)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_write_error_without_strerror():
+    """An OSError with a message but no errno (as some libraries raise): the message is the reason."""
+    exc = write_error("out/m.onnx", OSError("stream closed"))
+    assert type(exc) is OutputWriteError
+    assert str(exc) == "cannot write out/m.onnx: stream closed" and exc.errno is None
+
+
+def test_write_error_keeps_other_errors(tmp_path):
+    """An OSError that is not the output's fault (here ENOENT) goes through unchanged."""
+    with pytest.raises(FileNotFoundError):
+        with atomic_path(tmp_path / "out.bin"):
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
     assert os.listdir(tmp_path) == []
 
 
