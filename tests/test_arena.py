@@ -293,3 +293,4 @@ def test_arena_checks_its_class_count_and_the_finishing_order():
         job._acc = asm.arena._allocate(16 * 24)
     with pytest.raises(AssertionError, match="^arena images finish in arrival order$"):
         asm.arena._finish([second])  # the first is still live
+

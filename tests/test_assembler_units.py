@@ -655,3 +655,27 @@ def test_torch_memory_bound_holds_on_a_small_grid(band, save, monkeypatch):
     peak = _torch_cpu_peak(prof)
     bound = torch_memory_bound(job.grid, C, B) - 3 * H * W
     assert 0 < peak <= bound, (peak, bound)
+
+
+@pytest.mark.parametrize("hw,num_classes,batch", [((375, 500), 21, 32), ((3000, 4000), 21, 8), ((40, 7000), 3, 5)])
+def test_torch_memory_bound_is_the_documented_formula(hw, num_classes, batch):
+    """torch_memory_bound is the formula of the assembler's docstring and the README, term by
+    term (the traced-peak tests only show it is not too low)."""
+    H, W = hw
+    C, B = num_classes, batch
+    th, tw = 320, 480
+    grid = plan_tiles(H, W, (th, tw))
+    band = assembler_module.WHOLE_IMAGE_BAND_BYTES
+    small = C * H * W * 4 <= band
+    R = H if small else min(th, H)
+    expected = (3 * H * W  # the uint8 image
+                + (C + 1) * R * W * 4  # band and weights
+                + 14 * R * W  # argmax temporaries
+                + 6 * C * R * W  # saved logits' float32 mean and float16 copy
+                + 2 * B * C * th * tw * 4 + 7 * B * th * tw  # one group's temporaries
+                + 40 * (grid.count + grid.rows * th + grid.cols * tw)  # the grid's index tensors
+                + 6 * B * 3 * th * tw * 4 + 3 * B * C * th * tw * 4)  # batches in flight, results
+    if small:  # the arena, its argmax temporaries and index maps
+        P = band // (4 * C)
+        expected += 4 * C * (B * th * tw + 3 * P + 1) + 14 * (B * th * tw + P) + 12 * (grid.rows * th + grid.cols * tw)
+    assert torch_memory_bound(grid, C, B) == expected
