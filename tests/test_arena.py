@@ -194,7 +194,7 @@ def test_short_last_batch_keeps_the_batch_shape(checkpoint_path):
             expected_tiles = seg.tiles_run
         assert expected_tiles == 1 + 4 + 1  # photos of 1, 4 and 1 tiles: two short batches
         with Segmenter(runner, batch_size=4, overlap=16, assembler="torch") as seg:
-            assert not seg.assembler.keep_batch_shape  # the default on the CPU
+            assert seg.assembler.keep_batch_shape is False  # the default on the CPU
             seg.assembler.keep_batch_shape = True
             got = [seg.predict(p) for p in photos]
             assert seg.tiles_run == expected_tiles  # zero tiles not counted

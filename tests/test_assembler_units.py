@@ -657,7 +657,11 @@ def test_torch_memory_bound_holds_on_a_small_grid(band, save, monkeypatch):
     assert 0 < peak <= bound, (peak, bound)
 
 
-@pytest.mark.parametrize("hw,num_classes,batch", [((375, 500), 21, 32), ((3000, 4000), 21, 8), ((40, 7000), 3, 5)])
+@pytest.mark.parametrize("hw,num_classes,batch", [
+    ((375, 500), 21, 32), ((3000, 4000), 21, 8), ((40, 7000), 3, 5),
+    # around the small-image limit: 84 MB of sums, 31.9 MB, exactly 32 MiB
+    ((1000, 1000), 21, 4), ((380, 1000), 21, 4), ((2048, 4096), 1, 4),
+])
 def test_torch_memory_bound_is_the_documented_formula(hw, num_classes, batch):
     """torch_memory_bound is the formula of the assembler's docstring and the README, term by
     term (the traced-peak tests only show it is not too low)."""
