@@ -112,9 +112,12 @@ def test_saved_logits_and_large_images_stay_out_of_the_arena():
     small = ImageJob(1, np.zeros((30, 40, 3), np.uint8), plan_tiles(30, 40, TILE, 6))
     assert asm._in_arena(small, 21) and asm.arena is not None
     limit = assembler_module.WHOLE_IMAGE_BAND_BYTES // (4 * 21)  # the largest small image, in pixels
-    edge = ImageJob(2, None, plan_tiles(1, limit, TILE, 6))
-    beyond = ImageJob(3, None, plan_tiles(1, limit + 1, TILE, 6))
+    edge = ImageJob(2, None, plan_tiles(2, limit // 2, TILE, 6))
+    beyond = ImageJob(3, None, plan_tiles(2, limit // 2 + 1, TILE, 6))
     assert asm._in_arena(edge, 21) and not asm._in_arena(beyond, 21)
+    exact = TorchAssembler(TILE, 4, IMAGENET_MEAN, IMAGENET_STD, device="cpu")  # sums of exactly 32 MiB
+    assert 4 * 2 * (1 << 20) * 4 == assembler_module.WHOLE_IMAGE_BAND_BYTES
+    assert exact._in_arena(ImageJob(4, None, plan_tiles(2, 1 << 20, TILE, 6)), 4)
 
 
 def test_arena_memory_is_what_the_bound_counts():
@@ -207,12 +210,13 @@ def test_images_finish_in_order_when_saved_logits_and_the_arena_mix():
     """Images whose logits are saved take the band stitcher, the others the arena: whichever
     path an image takes, the images come back in the order given (a band image finishing right
     after an arena image in one batch included) with the numpy path's masks."""
-    sizes = [(30, 50), (16, 24), (40, 40), (10, 12), (30, 50), (16, 24), (45, 70)]
+    # a band image (16x24, logits saved) finishing right before a 1-tile arena image (10x12)
+    sizes = [(30, 50), (16, 24), (10, 12), (40, 40), (30, 50), (16, 24), (45, 70)]
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes]
     results = {}
-    for asm in (NumpyAssembler(TILE, 5, IMAGENET_MEAN, IMAGENET_STD),
-                TorchAssembler(TILE, 5, IMAGENET_MEAN, IMAGENET_STD, device="cpu")):
+    for asm in (NumpyAssembler(TILE, 6, IMAGENET_MEAN, IMAGENET_STD),
+                TorchAssembler(TILE, 6, IMAGENET_MEAN, IMAGENET_STD, device="cpu")):
         jobs = [ImageJob(k, rgb, plan_tiles(*rgb.shape[:2], TILE, 6)) for k, rgb in enumerate(images)]
         for job in jobs[1::2]:  # every second image saves its logits (a 1-tile one among them)
             job.logits_out = lambda c, job=job: np.zeros((c, job.grid.height, job.grid.width), np.float32)
