@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from fcn_deploy.errors import FcnDeployError, ImageReadError
+from fcn_deploy.errors import FcnDeployError, UsageError
 from fcn_deploy.images import check_regular_file, check_size, image_errors, load_rgb
 
 DECODE_KINDS: tuple[str, ...] = ("cpu", "gpu")
@@ -147,8 +147,6 @@ def check_decode(kind: str, assembler) -> None:
     """A one-line :class:`~fcn_deploy.errors.UsageError` unless ``--decode kind`` fits the
     segmenter's ``assembler``: ``gpu`` needs the torch assembler, which a CUDA runner gets (a
     torch assembler on the CPU, in tests, decodes with torchvision's CPU decoder)."""
-    from fcn_deploy.errors import UsageError
-
     if kind not in DECODE_KINDS:
         raise UsageError(f"--decode must be one of {', '.join(DECODE_KINDS)}, not {kind!r}")
     if kind == "gpu" and getattr(assembler, "kind", None) != "torch":
@@ -160,10 +158,6 @@ def batch_ends(encoded: Sequence[Encoded]) -> bool:
     """True when ``encoded`` fills one device decode (:data:`MAX_BATCH_IMAGES` images or
     :data:`MAX_BATCH_PIXELS` declared pixels)."""
     return len(encoded) >= MAX_BATCH_IMAGES or sum(e.pixels for e in encoded) >= MAX_BATCH_PIXELS
-
-
-def is_error(result: Any) -> bool:
-    return isinstance(result, ImageReadError)
 
 
 def as_host(rgb: Any) -> np.ndarray:

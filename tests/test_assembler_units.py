@@ -528,32 +528,28 @@ def test_saved_logits_are_timed_as_download():
 
 # --- the assemblers end to end on small tiles ---------------------------------------------
 
-def _rows_shuffled(keys, seed=5):
-    """The tiles of each image's tile row in a random order."""
-    rng = np.random.default_rng(seed)
-    out, i = [], 0
+def _row_runs(keys):
+    """(i, j) per run of keys[i:j]: consecutive tiles of one image's tile row."""
+    i = 0
     while i < len(keys):
         job, first = keys[i]
         j = i + 1
         while j < len(keys) and keys[j][0] is job and keys[j][1] // job.grid.cols == first // job.grid.cols:
             j += 1
-        out += [keys[k] for k in i + rng.permutation(j - i)]
+        yield i, j
         i = j
-    return out
+
+
+def _rows_shuffled(keys, seed=5):
+    """The tiles of each image's tile row in a random order."""
+    rng = np.random.default_rng(seed)
+    return [keys[k] for i, j in _row_runs(keys) for k in i + rng.permutation(j - i)]
 
 
 def _rows_reversed(keys):
     """The tiles of each image's tile row in reverse order (the stitchers accept any order
     within a row)."""
-    out, i = [], 0
-    while i < len(keys):
-        job, first = keys[i]
-        j = i + 1
-        while j < len(keys) and keys[j][0] is job and keys[j][1] // job.grid.cols == first // job.grid.cols:
-            j += 1
-        out += keys[i:j][::-1]
-        i = j
-    return out
+    return [key for i, j in _row_runs(keys) for key in keys[i:j][::-1]]
 
 
 @pytest.mark.parametrize("order", [None, _rows_reversed, _rows_shuffled], ids=["in-order", "rows-reversed", "shuffled"])
