@@ -511,6 +511,29 @@ def step_e2e(ctx: Ctx) -> None:
             rec.guarded(key, run)
 
 
+def step_ceiling(ctx: Ctx) -> None:
+    """The pipeline with a null engine (benchmarks/pipeline_ceiling.py) on both photo sets and
+    decodes: the host-bound ceiling that e2e is capped by, whatever the engine."""
+    rec = Recorder(ctx, "ceiling")
+    for photos, decode in [(p, d) for d in E2E_DECODES for p in ("small", "large")]:
+        if decode == "gpu" and ctx.dry:
+            continue  # --decode gpu needs a CUDA device
+        report = ctx.out / f"ceiling-{photos}-{decode}.json"
+
+        def run(photos=photos, decode=decode, report=report) -> dict[str, Any]:
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_ceiling.py"), str(ctx.work / "photos" / photos),
+                   "--device", ctx.device, "--decode", decode, "--batch", str(ctx.batch), "--rounds",
+                   "1" if ctx.dry else "2", "--report", str(report)]
+            if ctx.dry:
+                cmd += ["--tile", "64x96"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=100, cwd=ROOT)
+            res: dict[str, Any] = {"rc": proc.returncode, "stdout": proc.stdout[-600:], "stderr": proc.stderr[-800:]}
+            if report.exists():
+                res["best"] = json.loads(report.read_text())["best"]
+            return res
+        rec.guarded(f"{photos} / decode {decode}", run)
+
+
 # -- (d) peak GPU memory on an 8000x8000 photo -------------------------------------------------------
 class SmiPeak:
     """Polls nvidia-smi's memory.used (MiB) every 50 ms in the background; ``peak`` after stop."""
@@ -721,6 +744,13 @@ def step_summary(ctx: Ctx) -> None:
                      f"{res.get('rc')} {note} | {json.dumps(stages)[:300]} |")
         if res.get("rc"):
             lines.append(f"|  | stderr: {res.get('stderr', '')[-300:]!r} | | | | | |")
+    lines += ["", "## Pipeline ceiling (null engine: benchmarks/pipeline_ceiling.py, batch %d)" % ctx.batch, "",
+              "| photos / decode | tiles/s | images/s | ms per image | stages |", "|---|---|---|---|---|"]
+    for key, res in _load(ctx, "ceiling").items():
+        if isinstance(res, dict) and key not in ("dry_run", "started"):
+            best = res.get("best") or {}
+            lines.append(f"| {key} | {best.get('tiles_per_s', res.get('error') or res.get('rc'))} | "
+                         f"{best.get('images_per_s')} | {best.get('ms_per_image')} | {json.dumps(best.get('stages', ''))[:300]} |")
     lines += ["", "## Peak GPU memory, one %s photo" % "x".join(map(str, photo_sets(ctx)["huge"][1:])), "", "```",
               json.dumps({k: v for k, v in _load(ctx, "memory").items() if k not in ("started",)}, indent=1)[:2500], "```"]
     lines += ["", "## Masks against the CPU fp32 path", "", "| config | agreement % | per image |", "|---|---|---|"]
@@ -739,7 +769,7 @@ def step_summary(ctx: Ctx) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["env", "artifacts", "images", "engine", "e2e", "memory", "masks", "summary"])
+    parser.add_argument("step", choices=["env", "artifacts", "images", "engine", "e2e", "ceiling", "memory", "masks", "summary"])
     parser.add_argument("group", nargs="?", default="torch", choices=["torch", "ort32", "ort16"])
     parser.add_argument("--work", default=os.environ.get("WORK", "/tmp/gpu-work"))
     parser.add_argument("--out", default=None)
@@ -747,7 +777,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     ctx = Ctx(args)
-    steps = {"env": step_env, "artifacts": step_artifacts, "images": step_images, "e2e": step_e2e,
+    steps = {"env": step_env, "artifacts": step_artifacts, "images": step_images, "e2e": step_e2e, "ceiling": step_ceiling,
              "memory": step_memory, "masks": step_masks, "summary": step_summary}
     if args.step == "engine":
         step_engine(ctx, args.group)

@@ -39,7 +39,7 @@ BUDGET=${BUDGET:-330}
 START=$SECONDS
 
 # STEPS: the steps to run (default all), e.g. STEPS="env artifacts images e2e" for a rerun.
-STEPS=${STEPS:-env artifacts images engine-ort16 engine-torch engine-ort32 e2e memory masks gpu-tests}
+STEPS=${STEPS:-env artifacts images engine-ort16 engine-torch engine-ort32 e2e ceiling memory masks gpu-tests}
 wanted() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # step LIMIT NAME ARGS...: run one driver step under min(LIMIT, what is left of BUDGET - 10 s).
@@ -65,6 +65,7 @@ step 90 engine-ort16 engine ort16
 step 35 engine-torch engine torch
 step 50 engine-ort32 engine ort32
 step 300 e2e e2e
+step 60 ceiling ceiling
 step 40 memory memory
 step 90 masks masks
 if wanted gpu-tests && python3 -c "import pytest" 2>/dev/null && [ "$DRY" = 0 ]; then

@@ -315,11 +315,12 @@ class _Pipeline:
                 self._close_logits(job, failed=True)
             self.bar.close()
 
-    def _record(self, item: InputImage, error: str | None, tiles: int = 0) -> None:
-        """(lock held) One :class:`ImageRecord`: ``error`` None means its outputs are written."""
+    def _record(self, item: InputImage, error: str | None, tiles: int = 0, mask: Path | None = None) -> None:
+        """(lock held) One :class:`ImageRecord`: ``error`` None means its outputs (``mask``) are written."""
         seconds = time.perf_counter() - self.started.pop(item.path, time.perf_counter())
-        self.records.append(ImageRecord(str(item.path), str(output_path(self.out, item.rel_stem, MASK_SUFFIX)),
-                                        "ok" if error is None else "failed", error, tiles, round(seconds, 4)))
+        mask = mask or output_path(self.out, item.rel_stem, MASK_SUFFIX)
+        self.records.append(ImageRecord(str(item.path), str(mask), "ok" if error is None else "failed", error, tiles,
+                                        round(seconds, 4)))
 
     def _record_failure(self, item: InputImage, message: str) -> None:
         with self.lock:
@@ -461,12 +462,13 @@ class _Pipeline:
 
     def _write_outputs(self, job: ImageJob) -> None:
         item = job.key
+        mask = output_path(self.out, item.rel_stem, MASK_SUFFIX)
         try:
             self._close_logits(job, failed=False)
             if self.overlay:
                 write_overlay(output_path(self.out, item.rel_stem, OVERLAY_SUFFIX), as_host(job.rgb), job.labels,
                               self.seg.colormap)
-            write_mask(output_path(self.out, item.rel_stem, MASK_SUFFIX), job.labels, self.palette)
+            write_mask(mask, job.labels, self.palette)
         except (OSError, FcnDeployError) as exc:
             self._close_logits(job, failed=True)
             if isinstance(exc, DiskFullError):
@@ -479,5 +481,5 @@ class _Pipeline:
             job.rgb = job.labels = None
         with self.lock:
             self.summary.images += 1
-            self._record(item, None, job.grid.count)
+            self._record(item, None, job.grid.count, mask)
             self.bar.update(1)

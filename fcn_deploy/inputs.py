@@ -23,17 +23,20 @@ class InputImage:
 
 
 def _is_image_candidate(path: Path) -> bool:
-    """True when PIL recognises the content, or the name has an image extension (a broken
-    ``photo.jpg`` is then reported, not ignored); files like ``notes.txt`` are False."""
+    """True when the name has an image extension (a broken ``photo.jpg`` is then reported, not
+    ignored) or, for other names, when PIL recognises the content; files like ``notes.txt`` are
+    False. Only files without an image extension are opened (this runs before any work)."""
     from PIL import Image, UnidentifiedImageError
 
+    if path.suffix.lower() in Image.registered_extensions():
+        return True
     try:
         with Image.open(path):
             return True
     except Image.DecompressionBombError:  # an image, refused by name when it is loaded
         return True
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return path.suffix.lower() in Image.registered_extensions()
+        return False
 
 
 def collect_inputs(
