@@ -60,8 +60,8 @@ def write_palette_png(file: BinaryIO, labels: np.ndarray, pal: Sequence[int], le
     """Write (H, W) uint8 ``labels`` to ``file`` as an 8-bit palette PNG (PIL reads it as mode
     "P" with the same values and ``pal``, 3 * K <= 768 RGB bytes, as its palette).
 
-    Written here rather than by PIL because PIL's encoder holds the GIL for most of a small mask
-    (0.33 ms of GIL per 500x375 mask against 0.07 ms here, measured with py-spy): in ``infer``
+    Written here rather than by PIL because PIL's encoder holds the GIL for much of a small mask
+    (0.33 ms of ~0.7 ms per 500x375 mask against 0.07 ms here, measured with py-spy): in ``infer``
     the masks are encoded by threads beside the ones feeding the GPU. Scanlines get filter type
     0 (none; class maps compress well without), are deflated at ``level`` (1: fast) by stdlib
     :mod:`zlib`, which releases the GIL, in blocks of :data:`PNG_BLOCK_BYTES` (one IDAT chunk

@@ -77,6 +77,15 @@ Output = Literal["logits", "labels"]
 #: and one download per image) when they take at most this many bytes: 32 MiB holds 21 classes
 #: of a 0.4-megapixel photo, where per-band work would cost more launches than the image's tiles.
 WHOLE_IMAGE_BAND_BYTES = 32 << 20
+
+
+def whole_image_fits(grid: TileGrid, num_classes: int) -> bool:
+    """True when the (C, H, W) float32 class sums of an image of ``grid`` fit in
+    :data:`WHOLE_IMAGE_BAND_BYTES`: a :class:`TorchStitcher` then keeps the whole image as its
+    band and, when its averaged logits are not saved, it goes to the small-image arena."""
+    return num_classes * grid.height * grid.width * 4 <= WHOLE_IMAGE_BAND_BYTES
+
+
 AssemblerKind = Literal["auto", "numpy", "torch"]
 ASSEMBLER_KINDS: tuple[str, ...] = ("auto", "numpy", "torch")
 
@@ -429,7 +438,7 @@ class TorchAssembler(Assembler):
         a small image whose averaged logits are not saved."""
         if job._acc is not None:
             return isinstance(job._acc, Slot)
-        if job.logits_out is not None or num_classes * job.grid.height * job.grid.width * 4 > WHOLE_IMAGE_BAND_BYTES:
+        if job.logits_out is not None or not whole_image_fits(job.grid, num_classes):
             return False
         if self.arena is None:
             self.arena = SmallImageArena(self.torch, self.device, num_classes, self.batch_size, self.tile_hw,
@@ -519,7 +528,7 @@ class TorchStitcher:
         self.torch = torch
         self.index = asm.index(grid)
         #: Whole image in the band (see WHOLE_IMAGE_BAND_BYTES): finalised once, at the end.
-        self.whole = num_classes * grid.height * grid.width * 4 <= WHOLE_IMAGE_BAND_BYTES
+        self.whole = whole_image_fits(grid, num_classes)
         band_h = grid.height if self.whole else min(grid.tile_hw[0], grid.height)
         dev = asm.device
         self.band = torch.zeros((num_classes, band_h, grid.width), dtype=torch.float32, device=dev)
@@ -656,7 +665,7 @@ def torch_memory_bound(grid: TileGrid, num_classes: int, batch_size: int) -> int
     formula of the module docstring)."""
     H, W, C, B = grid.height, grid.width, num_classes, batch_size
     th, tw = grid.tile_hw
-    small = C * H * W * 4 <= WHOLE_IMAGE_BAND_BYTES
+    small = whole_image_fits(grid, C)
     R = H if small else min(th, H)
     bound = (3 * H * W + (C + 1) * R * W * 4 + 14 * R * W + 6 * C * R * W + 2 * B * C * th * tw * 4 + 7 * B * th * tw
              + 40 * (grid.count + grid.rows * th + grid.cols * tw) + 6 * B * 3 * th * tw * 4 + 3 * B * C * th * tw * 4)
