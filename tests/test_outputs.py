@@ -87,17 +87,19 @@ def test_blocks_bound_the_copy_and_still_make_one_image(monkeypatch):
 
 
 def test_a_short_palette_and_level(monkeypatch):
+    """A palette of two colours is written as two; ``level`` reaches zlib (default 1)."""
+    seen = []
+    real = zlib.compressobj
+    monkeypatch.setattr(outputs.zlib, "compressobj", lambda level: seen.append(level) or real(level))
     labels = np.array([[0, 1], [1, 0]], np.uint8)
     buf = io.BytesIO()
     write_palette_png(buf, labels, [9, 8, 7, 6, 5, 4], level=9)
     img = _read(buf.getvalue())
     assert img.getpalette()[:6] == [9, 8, 7, 6, 5, 4]
+    assert dict(_chunks(buf.getvalue()))[b"PLTE"] == bytes([9, 8, 7, 6, 5, 4])
     np.testing.assert_array_equal(np.asarray(img), labels)
-    seen = []
-    real = zlib.compressobj
-    monkeypatch.setattr(outputs.zlib, "compressobj", lambda level: seen.append(level) or real(level))
     _png(labels, palette())
-    assert seen == [1]
+    assert seen == [9, 1]
 
 
 @pytest.mark.parametrize("labels, pal, message", [
