@@ -730,7 +730,8 @@ def step_summary(ctx: Ctx) -> None:
                     {k: res[k] for k in ("kernels", "node_ms_per_run", "node_events_per_provider", "run_ms",
                                          "host_return_ms", "until_done_ms", "asynchronous") if k in res}, indent=1)[:3000], "```"]
     lines += ["", "## End to end (`bench --images`, batch %d)" % ctx.batch, "",
-              "| config / photos | engine tiles/s | pipeline tiles/s | images/s | ratio | rc | stages |", "|---|---|---|---|---|---|---|"]
+              "| config / photos | engine tiles/s | pipeline tiles/s | images/s | ratio | first batch s | drain s | rc | stages |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for key, res in _load(ctx, "e2e").items():
         if not isinstance(res, dict) or key in ("dry_run", "started"):
             continue
@@ -741,16 +742,19 @@ def step_summary(ctx: Ctx) -> None:
         stages = pipe.get("stages") or pipe.get("stage_seconds") or ""
         note = res.get("error") or res.get("skipped") or ""
         lines.append(f"| {key} | {eng} | {pipe.get('tiles_per_s')} | {pipe.get('images_per_s')} | {ratio} | "
-                     f"{res.get('rc')} {note} | {json.dumps(stages)[:300]} |")
+                     f"{pipe.get('first_batch_s')} | {pipe.get('drain_s')} | {res.get('rc')} {note} | "
+                     f"{json.dumps(stages)[:300]} |")
         if res.get("rc"):
-            lines.append(f"|  | stderr: {res.get('stderr', '')[-300:]!r} | | | | | |")
+            lines.append(f"|  | stderr: {res.get('stderr', '')[-300:]!r} | | | | | | | |")
     lines += ["", "## Pipeline ceiling (null engine: benchmarks/pipeline_ceiling.py, batch %d)" % ctx.batch, "",
-              "| photos / decode | tiles/s | images/s | ms per image | stages |", "|---|---|---|---|---|"]
+              "| photos / decode | tiles/s | images/s | ms per image | first batch s | drain s | stages |",
+              "|---|---|---|---|---|---|---|"]
     for key, res in _load(ctx, "ceiling").items():
         if isinstance(res, dict) and key not in ("dry_run", "started"):
             best = res.get("best") or {}
             lines.append(f"| {key} | {best.get('tiles_per_s', res.get('error') or res.get('rc'))} | "
-                         f"{best.get('images_per_s')} | {best.get('ms_per_image')} | {json.dumps(best.get('stages', ''))[:300]} |")
+                         f"{best.get('images_per_s')} | {best.get('ms_per_image')} | {best.get('first_batch_s')} | "
+                         f"{best.get('drain_s')} | {json.dumps(best.get('stages', ''))[:300]} |")
     lines += ["", "## Peak GPU memory, one %s photo" % "x".join(map(str, photo_sets(ctx)["huge"][1:])), "", "```",
               json.dumps({k: v for k, v in _load(ctx, "memory").items() if k not in ("started",)}, indent=1)[:2500], "```"]
     lines += ["", "## Masks against the CPU fp32 path", "", "| config | agreement % | per image |", "|---|---|---|"]

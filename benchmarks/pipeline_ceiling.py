@@ -126,7 +126,9 @@ def main() -> None:
                 row = {"round": r, "seconds": round(summary.seconds, 4), "images": summary.images,
                        "tiles": summary.tiles, "tiles_per_s": round(summary.tiles_per_s, 1),
                        "images_per_s": round(summary.images_per_s, 1),
-                       "ms_per_image": round(summary.seconds / summary.images * 1e3, 3), "stages": summary.stages}
+                       "ms_per_image": round(summary.seconds / summary.images * 1e3, 3),
+                       "first_batch_s": round(summary.first_batch_s, 4), "drain_s": round(summary.drain_s, 4),
+                       "stages": summary.stages}
                 print(("warm-up " if r == 0 else "round   ") + json.dumps(row), flush=True)
                 if r:
                     rounds.append(row)

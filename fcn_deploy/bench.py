@@ -392,6 +392,8 @@ def _bench_pipeline(runner, images: Path, batch_size: int, engine_tiles_per_s: f
         "engine_tiles_per_s": engine_tiles_per_s,
         "end_to_end_ratio": round(summary.tiles_per_s / engine_tiles_per_s, 4) if engine_tiles_per_s else None,
         "stage_seconds": stages,
+        "first_batch_s": round(summary.first_batch_s, 4),
+        "drain_s": round(summary.drain_s, 4),
     }
 
 
@@ -424,6 +426,9 @@ def format_report(result: dict[str, Any]) -> str:
         if ratio is not None:
             lines.append(f"end-to-end / engine-only: {p['tiles_per_s']:.1f} / {p['engine_tiles_per_s']:.1f} "
                          f"tiles/s = {100 * ratio:.1f}%")
+        if "first_batch_s" in p:
+            lines.append(f"first batch at the engine after {p['first_batch_s']:.3f} s; after the last one "
+                         f"{p['drain_s']:.3f} s to the end (stitching, writes)")
         stages = p.get("stage_seconds") or {}
         if stages:
             lines.append("seconds per stage (summed over threads): "

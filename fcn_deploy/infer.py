@@ -78,6 +78,11 @@ class InferSummary:
     #: Seconds per stage summed over threads: decode, tiles (cut + normalise, upload
     #: included), upload, engine, stitch (download included), download, encode.
     stages: dict[str, float] = field(default_factory=dict)
+    #: Seconds from the start of the run until the first batch reached the runner (listing the
+    #: inputs, loading, the first reads and decodes), and from the last batch leaving the runner
+    #: to the end (its stitching and the last writes): what a run costs besides its steady state.
+    first_batch_s: float = 0.0
+    drain_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -113,6 +118,11 @@ class ImageRecord:
 
 
 _DONE = object()
+
+#: ``--decode gpu``: images of the first device decode at most; each next decode may take twice
+#: as many, up to :data:`~fcn_deploy.devicedecode.MAX_BATCH_IMAGES`. The first tiles then reach
+#: the engine once a few files are read, not after three full decode batches (96 files).
+FIRST_DECODE_IMAGES = 4
 
 
 def _background(produce: Callable[[], Iterator[Any]], depth: int, stop: threading.Event) -> Iterator[Any]:
@@ -190,7 +200,7 @@ def run_inference(
     seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window, assembler=assembler)
     with seg:
         segment_items(seg, items, out, summary, overlay=overlay, save_logits=save_logits, workers=workers,
-                      progress=progress, decode=decode)
+                      progress=progress, decode=decode, started=start)
     summary.tiles = seg.tiles_run
     summary.stages = {k: round(v, 4) for k, v in seg.clock.seconds.items()}
     summary.seconds = time.perf_counter() - start
@@ -240,6 +250,7 @@ def segment_items(
     workers: int | None = None,
     progress: bool = False,
     decode: str = "cpu",
+    started: float | None = None,
 ) -> list[ImageRecord]:
     """Segment ``items`` with the active ``seg`` and write their outputs under ``out`` (created).
 
@@ -248,15 +259,17 @@ def segment_items(
     the order the images finished. Unreadable images and unwritable outputs are records with
     status ``failed``; a runner error or a full disk raises. ``decode``: ``"cpu"`` (PIL, in the
     thread pool) or ``"gpu"`` (JPEGs decoded on the runner's CUDA device in batches,
-    :mod:`fcn_deploy.devicedecode`).
+    :mod:`fcn_deploy.devicedecode`). ``started``: the ``time.perf_counter()`` the run began
+    (``summary.first_batch_s`` counts from it; default: now).
     """
+    started = time.perf_counter() if started is None else started
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be >= 1, not {workers}")
     seg.prepare()
     check_decode(decode, seg.assembler)
     check_output_dir(out)
     pipeline = _Pipeline(seg, out, summary, overlay, save_logits, workers or _cores(), progress, decode)
-    pipeline.run(items)
+    pipeline.run(items, started)
     return pipeline.records
 
 
@@ -285,7 +298,7 @@ class _Pipeline:
         self.records: list[ImageRecord] = []
         self.started: dict[Path, float] = {}  # input path -> when its decode was queued
 
-    def run(self, items: list[InputImage]) -> None:
+    def run(self, items: list[InputImage], started: float) -> None:
         from tqdm import tqdm
 
         stop = threading.Event()
@@ -295,10 +308,14 @@ class _Pipeline:
         self.pool, self.writes = pool, deque()
         pending: deque[Future] = deque()
         batches = _background(lambda: self._produce(items, pool), 2, stop)
+        last = None  # when the last batch left the runner
         try:
             for batch in batches:
+                if last is None:
+                    self.summary.first_batch_s = time.perf_counter() - started
                 output: Output = "labels" if batch.single_tiles and not self.save_logits else "logits"
                 result = self.seg.run_batch(batch.tiles, output, len(batch.keys))
+                last = time.perf_counter()
                 pending.append(stitch.submit(self._stitch, batch, result, output))
                 while len(pending) > 2:
                     pending.popleft().result()
@@ -306,6 +323,8 @@ class _Pipeline:
                 pending.popleft().result()
             while self.writes:
                 self.writes.popleft().result()
+            if last is not None:
+                self.summary.drain_s = time.perf_counter() - last
         finally:
             stop.set()
             batches.close()  # joins the producer thread
@@ -372,17 +391,21 @@ class _Pipeline:
                 yield got
             return
         # --decode gpu: batches of read files, decoded by DECODE_THREADS threads, one batch more ahead
+        # while the oldest is decoding; the first batches are small (FIRST_DECODE_IMAGES, doubling)
         decoder = ThreadPoolExecutor(DECODE_THREADS, "fcn-deploy-decode")
         chunks: deque[tuple[list[InputImage], Future]] = deque()
+        built = 0
         try:
             while True:
-                while len(chunks) <= DECODE_THREADS:
+                while len(chunks) <= DECODE_THREADS and not (chunks and chunks[0][1].done()):
+                    cap = FIRST_DECODE_IMAGES << min(built, 16)
                     chunk: list[tuple[InputImage, Encoded]] = []
-                    while not batch_ends([e for _, e in chunk]) and (got := ready()) is not None:
+                    while len(chunk) < cap and not batch_ends([e for _, e in chunk]) and (got := ready()) is not None:
                         chunk.append(got)
                     if not chunk:
                         break
                     chunks.append(([i for i, _ in chunk], decoder.submit(self._decode_batch, [e for _, e in chunk])))
+                    built += 1
                 if not chunks:
                     return
                 chunk_items, future = chunks.popleft()

@@ -53,10 +53,10 @@ def collect_inputs(
     excluded = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []  # (path, relative path incl. extension)
     failed: list[tuple[str, str]] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()  # resolved paths
 
-    def add(path: Path, rel: Path) -> None:
-        key = path.resolve()
+    def add(path: Path, rel: Path, key: str | None = None) -> None:
+        key = key or str(path.resolve())
         if key not in seen:
             seen.add(key)
             found.append((path, rel))
@@ -68,10 +68,15 @@ def collect_inputs(
                 dirs[:] = sorted(
                     d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != excluded
                 )
+                real_root = os.path.realpath(root)  # once per folder: resolve() per file cost ~30 us
+                rel_root = root_path.relative_to(arg)
                 for name in sorted(files):
+                    if name.startswith("."):
+                        continue
                     path = root_path / name
-                    if not name.startswith(".") and path.is_file() and _is_image_candidate(path):
-                        add(path, path.relative_to(arg))
+                    if path.is_file() and _is_image_candidate(path):
+                        # a file that is no symlink resolves to its resolved folder / its name
+                        add(path, rel_root / name, None if path.is_symlink() else os.path.join(real_root, name))
         elif arg.is_file():
             add(arg, Path(arg.name))
         elif arg.exists():  # a FIFO, socket or device: never opened (a FIFO would block)
@@ -79,14 +84,15 @@ def collect_inputs(
         else:
             failed.append((str(arg), f"{arg}: no such file or folder"))
 
+    bare = [rel.with_suffix("") for _, rel in found]
     stems: dict[str, int] = {}
-    for _, rel in found:
-        key = str(rel.with_suffix("")).casefold()
+    for stem in bare:
+        key = str(stem).casefold()
         stems[key] = stems.get(key, 0) + 1
     images: list[InputImage] = []
     owners: dict[str, Path] = {}
-    for path, rel in found:
-        stem = rel.with_suffix("") if stems[str(rel.with_suffix("")).casefold()] == 1 else rel
+    for (path, rel), stem in zip(found, bare):
+        stem = stem if stems[str(stem).casefold()] == 1 else rel
         key = str(stem).casefold()
         if key in owners:
             failed.append((str(path), f"{path}: output name {stem}{MASK_SUFFIX} is already used by {owners[key]}"))
@@ -111,6 +117,8 @@ def refuse_overwriting_inputs(
     An output replaces an input when it is the same path or the same file (inode: a hard link or
     a symlink to it), e.g. ``infer photos/a.png -o photos``. Such an image is never segmented.
     """
+    if not os.path.isdir(output_dir):  # nothing exists under it yet: no output can replace an input
+        return list(items), []
     inputs: dict[tuple[int, int], Path] = {}
     for item in items:
         with contextlib.suppress(OSError):

@@ -110,6 +110,10 @@ def test_bench_pipeline_on_a_folder(checkpoint_path, tmp_path):
     assert pipe["decode"] == "cpu" and stages["read"] == 0  # files are read by PIL while decoding
     assert all(stages[k] > 0 for k in ("decode", "tiles", "engine", "encode"))
     assert "end-to-end / engine-only" in lines[0] and "seconds per stage" in lines[0]
+    # the run's fixed costs: before the first batch (listing, loading, first decodes), after the last
+    assert 0 < pipe["first_batch_s"] and 0 < pipe["drain_s"]
+    assert pipe["first_batch_s"] + pipe["drain_s"] < pipe["seconds"]
+    assert f"first batch at the engine after {pipe['first_batch_s']:.3f} s" in lines[0]
 
 
 def test_bench_ort_stages_and_reports(onnx_path):

@@ -316,6 +316,8 @@ def test_run_inference_torch_assembler_equals_numpy(small_runner, photo_tree, tm
                                       np.load(tmp_path / "numpy" / (stem + ".logits.npy")))
     stages = runs["numpy"].stages
     assert all(stages[k] > 0 for k in ("decode", "tiles", "engine", "stitch", "encode")), stages
+    for run in runs.values():  # before the first batch, after the last: parts of the run's seconds
+        assert 0 < run.first_batch_s and 0 < run.drain_s and run.first_batch_s + run.drain_s < run.seconds
     with pytest.raises(UsageError, match="assembler must be one of"):
         run_inference([root], tmp_path / "x", runner=small_runner, assembler="cupy", progress=False)
 
@@ -453,3 +455,47 @@ def test_cli_defaults_match_the_library():
     defaults = {p.name: p.default for p in infer_cmd.params}
     assert (defaults["overlap"], defaults["window"]) == (DEFAULT_OVERLAP, DEFAULT_WINDOW)
     assert (defaults["output"], defaults["backend"], defaults["batch_size"]) == ("predictions", "ort", 8)
+
+
+def test_decode_gpu_ramps_its_first_decode_batches(small_runner, tmp_path, monkeypatch):
+    """--decode gpu (torchvision's CPU decoder on the CPU torch assembler): the first device
+    decodes take 4, 8, 16 images, then MAX_BATCH_IMAGES (the engine starts after a few files,
+    not after 3 x 32), and the masks are those of the PIL-decoded pipeline."""
+    import fcn_deploy.infer as infer_module
+    from fcn_deploy import devicedecode
+
+    sizes: list[int] = []
+    decode = infer_module.decode_batch
+
+    def recording(encoded, device, *args):
+        sizes.append(len(encoded))
+        return decode(encoded, device, *args)
+
+    monkeypatch.setattr(infer_module, "decode_batch", recording)
+    monkeypatch.setattr(devicedecode, "MAX_BATCH_IMAGES", 12)
+    src = tmp_path / "in"
+    for i in range(27):
+        _save(src / f"p{i:02d}.jpg", _photo(20 + i % 5, 30 + i % 7, seed=i), quality=90)
+    masks = {}
+    for kind, assembler in (("gpu", "torch"), ("cpu", "numpy")):
+        summary = run_inference([src], tmp_path / kind, runner=small_runner, batch_size=4, overlap=OVERLAP,
+                                progress=False, assembler=assembler, decode=kind)
+        assert summary.images == 27 and not summary.failed
+        masks[kind] = {p.name: p.read_bytes() for p in (tmp_path / kind).glob("*.png")}
+    assert sizes == [4, 8, 12, 3]
+    assert len(masks["gpu"]) == 27 and masks["gpu"] == masks["cpu"]
+
+
+def test_collect_inputs_counts_a_file_once_through_symlinks(tmp_path):
+    """A symlink to an image already found, a folder and a file of it both named, and a
+    symlinked folder (not descended into) give each image once; outputs mirror the tree."""
+    src = tmp_path / "in"
+    for rel in ("a.jpg", "sub/c.jpg"):
+        _save(src / rel, _photo(10, 12), quality=90)
+    (src / "b.jpg").symlink_to(src / "a.jpg")
+    (src / "link").symlink_to(src / "sub", target_is_directory=True)
+    (tmp_path / "elsewhere.jpg").symlink_to(src / "sub" / "c.jpg")
+    images, failed = collect_inputs([src, src / "a.jpg", tmp_path / "elsewhere.jpg"])
+    assert not failed
+    assert [(i.path.relative_to(tmp_path).as_posix(), i.rel_stem.as_posix()) for i in images] == [
+        ("in/a.jpg", "a"), ("in/sub/c.jpg", "sub/c")]
