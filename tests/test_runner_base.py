@@ -116,14 +116,14 @@ def test_argmax_labels_first_maximum_and_nan():
 # -- lifecycle --------------------------------------------------------------------------------
 def test_activate_deactivate_and_with():
     runner = ConvRunner()
-    assert not runner.is_active and runner.input_spec is None
+    assert runner.is_active is False and runner.input_spec is None
     assert runner.activate() is runner and runner.is_active and runner.activations == 1
     with pytest.raises(FcnDeployError, match=r"^conv runner is already active$"):
         runner.activate()
     assert runner.activations == 1
     runner.deactivate()
     runner.deactivate()  # idempotent: the backend is released once
-    assert not runner.is_active and runner.deactivations == 1
+    assert runner.is_active is False and runner.deactivations == 1
     with runner as same:
         assert same is runner and runner.is_active and runner.activations == 2
     assert not runner.is_active and runner.deactivations == 2
@@ -139,7 +139,7 @@ def test_with_deactivates_on_error_and_a_failing_deactivate_still_leaves_inactiv
     failing._pending = [(FakeEvent([], "s"), FakeEvent([], "e", 1.0))]
     with pytest.raises(RuntimeError, match="device lost"):
         failing.deactivate()
-    assert not failing.is_active
+    assert failing.is_active is False
     failing.activate()  # can be activated again
     assert failing.is_active
 
@@ -198,7 +198,8 @@ def test_numpy_input_checks_say_received_and_expected(tiles, message):
         assert runner.seen == []
 
 
-@pytest.mark.parametrize("fixed, max_batch, limit", [(-1, 4, 4), (3, None, 3), (3, 2, 2), (2, 5, 2)])
+@pytest.mark.parametrize("fixed, max_batch, limit", [(-1, 4, 4), (3, None, 3), (3, 2, 2), (2, 5, 2), (1, None, 1),
+                                                     (-1, 1, 1)])
 def test_batch_limits_from_max_batch_and_a_fixed_batch(fixed, max_batch, limit):
     with ConvRunner(batch=fixed, max_batch=max_batch) as runner:
         out = runner.infer(_tiles(limit))
@@ -214,6 +215,17 @@ def test_unbounded_dynamic_batch():
         assert runner.infer(_tiles(40)).shape == (40, CLASSES, *TILE)
 
 
+@pytest.mark.parametrize("tensor", [False, True])
+def test_one_tile_on_a_fixed_batch_is_padded(tensor):
+    tile = _tiles(1, seed=4)
+    with ConvRunner(batch=3) as runner:
+        out = runner.infer(torch.from_numpy(tile) if tensor else tile)
+        fed = runner.seen[0]
+    assert fed.shape == (3, 3, *TILE) and fed.dtype == np.float32 and not fed[1:].any()
+    assert out.shape == (1, CLASSES, *TILE)
+    np.testing.assert_allclose(np.asarray(out), runner.reference(tile), rtol=1e-5, atol=1e-5)
+
+
 def test_fixed_batch_is_padded_with_zero_tiles_and_their_outputs_dropped():
     tiles = _tiles(2)
     with ConvRunner(batch=3) as runner:
@@ -222,7 +234,7 @@ def test_fixed_batch_is_padded_with_zero_tiles_and_their_outputs_dropped():
         full = runner.infer(_tiles(3))
         assert logits.shape == (2, CLASSES, *TILE) and labels.shape == (2, *TILE) and full.shape[0] == 3
         fed = runner.seen[0]
-        assert fed.shape == (3, 3, *TILE)
+        assert fed.shape == (3, 3, *TILE) and fed.dtype == np.float32
         np.testing.assert_array_equal(fed[:2], tiles)
         assert not fed[2].any()
         assert runner.seen[2].shape == (3, 3, *TILE)

@@ -282,6 +282,7 @@ def test_defaults_are_hann_constant_overlap_128_and_8_tiles_per_batch():
 # -- batch size ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch_size, fixed, max_batch, effective, fed", [
     (8, -1, None, 8, 8), (8, 4, None, 4, 4), (8, -1, 5, 5, 5), (3, 4, None, 3, 4), (2, -1, 5, 2, 2), (8, 4, 4, 4, 4),
+    (8, 1, None, 1, 1),
 ])
 def test_effective_batch_is_capped_by_the_model(batch_size, fixed, max_batch, effective, fed):
     rgb = _photo(70, 160, seed=11)
@@ -409,6 +410,23 @@ def test_an_output_of_the_wrong_rank_is_a_model_mismatch(output, expected):
     assert f"expected {expected};" in str(err.value)
 
 
+def test_run_batch_on_a_fresh_segmenter_prepares_it():
+    """run_batch first (the other building blocks prepare too) activates and reads the runner,
+    instead of failing on a tile size it has not read."""
+    tiles = np.random.default_rng(20).standard_normal((2, 3, *TILE)).astype(np.float32)
+    runner = PointRunner()
+    seg = Segmenter(runner, overlap=OVERLAP)
+    np.testing.assert_array_equal(seg.run_batch(tiles, "labels"), runner.logits(tiles).argmax(1))
+    assert runner.is_active and seg.tiles_run == 2
+    seg.close()
+    assert not runner.is_active
+    bridged = Segmenter(NumpyOnly(), overlap=OVERLAP, assembler="torch")
+    out = bridged.run_batch(torch.from_numpy(tiles), "logits")
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_allclose(out.numpy(), runner.logits(tiles), rtol=1e-6)
+    bridged.close()
+
+
 def test_run_batch_counts_the_tiles_that_belong_to_images():
     tiles = np.random.default_rng(14).standard_normal((3, 3, *TILE)).astype(np.float32)
     runner = PointRunner()
@@ -473,6 +491,52 @@ def test_a_runner_active_before_reads_its_spec_without_reactivation():
     assert runner.is_active and runner.activations == 1 and runner.deactivations == 0
 
 
+def test_a_closed_segmenter_reads_a_reactivated_runner_again():
+    """The caller's runner, re-activated on another artifact (here: other tiles), is read anew."""
+    runner = PointRunner().activate()
+    seg = Segmenter(runner, overlap=OVERLAP)
+    seg.prepare()
+    assert seg.tile_hw == TILE
+    seg.close()
+    assert runner.is_active  # the caller's
+    runner.deactivate()
+    runner._spec = TensorSpec("image", (-1, 3, 16, 24), "float32")
+    runner.activate()
+    rgb = _photo(40, 60, seed=18)
+    labels = seg.predict(rgb)
+    assert seg.tile_hw == (16, 24) and seg.plan(40, 60) == plan_tiles(40, 60, (16, 24), OVERLAP)
+    _assert_labels(labels, runner.whole(rgb))
+
+
+def test_planning_while_tiles_are_in_flight_keeps_one_assembler():
+    """A lazy job stream that plans each image as the assembler asks for it (as a pipeline
+    does) goes through one assembler: preparing again is a no-op."""
+    photos = [_photo(70, 101, seed=s) for s in range(3)]
+    runner = PointRunner()
+    with Segmenter(runner, batch_size=4, overlap=OVERLAP) as seg:
+        asm = seg.assembler
+        seg.prepare()
+        assert seg.assembler is asm
+        jobs = (ImageJob(i, p, seg.plan(*p.shape[:2])) for i, p in enumerate(photos))
+        done = list(seg.segment(jobs))
+        assert seg.assembler is asm
+    assert [j.key for j in done] == [0, 1, 2]
+    for job, rgb in zip(done, photos):
+        _assert_labels(job.labels, runner.whole(rgb))
+
+
+def test_zero_tiles_that_keep_the_batch_shape_are_not_counted():
+    photos = [_photo(20, 30, seed=1), _photo(40, 60, seed=2), _photo(20, 25, seed=3)]  # 1, 4 and 1 tiles
+    runner = PointRunner()
+    with Segmenter(runner, batch_size=4, overlap=OVERLAP, assembler="torch") as seg:
+        seg.assembler.keep_batch_shape = True  # what a CUDA assembler does (zero tiles after the real ones)
+        got = [seg.predict(p) for p in photos]
+        assert seg.tiles_run == 1 + 4 + 1
+    assert [n for n, _ in runner.calls] == [4, 4, 4]
+    for labels, rgb in zip(got, photos):
+        _assert_labels(labels, runner.whole(rgb))
+
+
 def test_activation_errors_propagate_typed():
     runner = PointRunner()
     runner._activate = lambda: (_ for _ in ()).throw(FcnDeployError("point: model file is gone"))
@@ -501,6 +565,31 @@ def test_runner_device():
     assert runner_device(numpy_only) == "cpu"
     assert runner_device(types.SimpleNamespace(_infer_tensor=lambda t, o: t)) == "cpu"
     assert runner_device(types.SimpleNamespace(device="cuda", _infer_tensor=lambda t, o: t)) == "cuda"
+
+
+class Wrapped:
+    """A runner by duck typing (no Runner subclass) that has no ``_infer_tensor`` at all."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "_infer_tensor":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_a_duck_typed_runner_without_a_tensor_path():
+    inner = PointRunner()
+    inner.device = "cuda:0"
+    runner = Wrapped(inner)
+    assert runner_device(runner) == "cpu"
+    rgb = _photo(70, 101, seed=19)
+    for kind in ("auto", "torch"):
+        with Segmenter(runner, batch_size=4, overlap=OVERLAP, assembler=kind) as seg:
+            assert seg._bridge is (kind == "torch")
+            _assert_labels(seg.predict(rgb), inner.whole(rgb))
+    assert not inner.is_active
 
 
 def test_a_numpy_only_runner_behind_the_torch_assembler_gets_numpy():
