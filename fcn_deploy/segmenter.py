@@ -184,8 +184,9 @@ class Segmenter:
 
         Returns (n, C, th, tw) logits or (n, th, tw) uint8 labels, of the input's kind; any
         other shape is reported as a model / tile size mismatch. Its seconds go to the
-        ``engine`` stage timer.
+        ``engine`` stage timer. Prepares the segmenter first if needed (as plan and iter_batches do).
         """
+        self.prepare()
         start = time.perf_counter()
         if self._bridge and not isinstance(tiles, np.ndarray):  # CPU tensors, a numpy-only runner
             import torch

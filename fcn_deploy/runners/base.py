@@ -219,6 +219,7 @@ class Runner:
         if 0 < n < fixed:
             tiles = torch.cat([tiles, tiles.new_zeros((fixed - n, *tiles.shape[1:]))])
         if tiles.is_cuda:
+            # pragma: no mutate block (CUDA only, run by the gpu tests: docs/testing.md)
             stream = torch.cuda.current_stream(tiles.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
@@ -245,7 +246,7 @@ class Runner:
         import torch
 
         result = self._infer(np.ascontiguousarray(tiles.cpu().numpy()), output)
-        return torch.from_numpy(np.ascontiguousarray(result)).to(tiles.device)
+        return torch.from_numpy(np.ascontiguousarray(result)).to(tiles.device)  # pragma: no mutate (device: CUDA only)
 
     def _deactivate(self) -> None:
         raise NotImplementedError
