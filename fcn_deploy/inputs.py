@@ -22,13 +22,23 @@ class InputImage:
     rel_stem: Path
 
 
+def _image_extensions() -> set[str]:
+    """The extensions of the formats PIL can open: its registered extensions less those of formats
+    it can only write (``.pdf``, ``.palm``); ``.mpo`` stays (PIL's JPEG plugin opens it)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO"}
+
+
 def _is_image_candidate(path: Path) -> bool:
     """True when the name has an image extension (a broken ``photo.jpg`` is then reported, not
-    ignored) or, for other names, when PIL recognises the content; files like ``notes.txt`` are
-    False. Only files without an image extension are opened (this runs before any work)."""
+    ignored) or, for other names, when PIL recognises the content; files like ``notes.txt`` or
+    ``report.pdf`` (a format PIL only writes) are False. Only files without an image extension
+    are opened (this runs before any work)."""
     from PIL import Image, UnidentifiedImageError
 
-    if path.suffix.lower() in Image.registered_extensions():
+    if path.suffix.lower() in _image_extensions():
         return True
     try:
         with Image.open(path):
