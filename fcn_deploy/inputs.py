@@ -4,6 +4,7 @@ the output stem its masks get, and the output folder checked before any work."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -22,13 +23,14 @@ class InputImage:
     rel_stem: Path
 
 
-def _image_extensions() -> set[str]:
+@functools.cache  # once per process: PIL's registry is complete after Image.init()
+def _image_extensions() -> frozenset[str]:
     """The extensions of the formats PIL can open: its registered extensions less those of formats
     it can only write (``.pdf``, ``.palm``); ``.mpo`` stays (PIL's JPEG plugin opens it)."""
     from PIL import Image
 
     Image.init()
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO"}
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO")
 
 
 def _is_image_candidate(path: Path) -> bool:

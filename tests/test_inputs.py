@@ -172,6 +172,9 @@ def test_a_link_to_an_input_is_refused_once_and_other_files_are_not_inputs(tmp_p
     assert failed == [] and [i.path for i in kept] == [photo, tmp_path / "gone.jpg"]
     kept, failed = refuse_overwriting_inputs(items, out, [".logits.npy"])
     assert [p for p, _ in failed] == [str(photo)] and f"{out / 'a.logits.npy'}" in failed[0][1]
+    for fresh in (tmp_path / "new", photo):  # no folder there (yet): no output can be an input
+        kept, failed = refuse_overwriting_inputs(items, fresh, [".png", ".overlay.jpg", ".logits.npy"])
+        assert failed == [] and kept == items
 
 
 # -- check_output_dir --------------------------------------------------------------------------
