@@ -499,3 +499,35 @@ def test_collect_inputs_counts_a_file_once_through_symlinks(tmp_path):
     assert not failed
     assert [(i.path.relative_to(tmp_path).as_posix(), i.rel_stem.as_posix()) for i in images] == [
         ("in/a.jpg", "a"), ("in/sub/c.jpg", "sub/c")]
+
+
+class _FreezeRecordingRunner(_ConstantRunner):
+    """A constant runner that records how many objects the collector has frozen at each batch."""
+
+    def _infer(self, tiles, output):
+        import gc
+
+        self.frozen = getattr(self, "frozen", []) + [gc.get_freeze_count()]
+        return super()._infer(tiles, output)
+
+
+def test_the_heap_is_frozen_during_a_run_and_thawed_after(tmp_path):
+    """infer leaves the objects alive at its start (torch's, the model's) out of the collector's
+    passes while it runs, and gives them back after; a freeze the caller made stays."""
+    import gc
+
+    src = tmp_path / "in"
+    for i in range(3):
+        _save(src / f"p{i}.png", _photo(20, 30, seed=i))
+    assert gc.get_freeze_count() == 0
+    runner = _FreezeRecordingRunner(SMALL)
+    summary = run_inference([src], tmp_path / "out", runner=runner, batch_size=2, overlap=OVERLAP, progress=False)
+    assert summary.images == 3 and len(runner.frozen) == 2
+    assert min(runner.frozen) > 1000 and gc.get_freeze_count() == 0  # torch alone holds ~10^5 objects
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        run_inference([src], tmp_path / "again", runner=runner, batch_size=2, overlap=OVERLAP, progress=False)
+        assert gc.get_freeze_count() > 0.9 * before  # not thawed by the run (a few frozen objects die)
+    finally:
+        gc.unfreeze()
