@@ -3,6 +3,9 @@ each built once per test session. GPU tests (``@pytest.mark.gpu``) skip without 
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +124,22 @@ def _onnx_with_external_data(folder, location):
                 entry.value = location
         onnx.save(model, folder / "fcn.onnx")
     return folder / "fcn.onnx"
+
+
+def _png_header_only(path, width, height):
+    """A 1-bit grayscale PNG declaring width x height, with a few bytes of image data: what a
+    decompression bomb's header looks like, written without allocating its pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture()
+def bomb_png():
+    """``bomb_png(path, width, height)`` writes a decompression bomb's PNG header (see
+    :func:`_png_header_only`) at ``path`` and returns ``path``."""
+    return _png_header_only

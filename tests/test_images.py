@@ -245,17 +245,9 @@ def test_image_errors_say_what_failed(exc, message):
     assert isinstance(got.value, ImageTooLargeError) == message.startswith("x.png: too large")
 
 
-def test_a_bomb_header_names_the_limit_given(tmp_path):
+def test_a_bomb_header_names_the_limit_given(tmp_path, bomb_png):
     """A PNG declaring 30000x30000 (PIL refuses it at open, beyond twice its own limit)."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    bomb = bomb_png(tmp_path / "bomb.png", 30000, 30000)
     with pytest.raises(ImageTooLargeError) as exc:
         load_rgb(bomb, limit=1000)
     assert str(exc.value) == f"{bomb}: too large, 900.0 MP exceeds the limit of 1000 pixels; raise it with --max-pixels"

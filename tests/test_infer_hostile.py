@@ -8,10 +8,8 @@ import errno
 import os
 import resource
 import signal
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -69,16 +67,6 @@ def _save(path, h, w, seed=0):
     return path
 
 
-def _png_header_only(path, width, height):
-    """A 1-bit grayscale PNG declaring width x height, with a few bytes of image data: what a
-    decompression bomb's header looks like, written without allocating its pixels."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 # -- 1. no output replaces an input ------------------------------------------------------------
@@ -118,10 +106,10 @@ def test_cli_infer_into_the_input_folder_keeps_the_photo(checkpoint_path, tmp_pa
 
 
 # -- 3. decompression bombs --------------------------------------------------------------------
-def test_decompression_bombs_fail_by_name_and_the_rest_runs(tmp_path):
+def test_decompression_bombs_fail_by_name_and_the_rest_runs(tmp_path, bomb_png):
     root = tmp_path / "in"
     good = _save(root / "good.png", 30, 40)
-    bombs = [_png_header_only(root / f"bomb{n}.png", n, n) for n in (60000, 50000, 30000)]
+    bombs = [bomb_png(root / f"bomb{n}.png", n, n) for n in (60000, 50000, 30000)]
     assert all(b.stat().st_size < 1000 for b in bombs)
     summary = run_inference([root], tmp_path / "out", runner=_ConstantRunner(), overlap=OVERLAP, progress=False)
     assert summary.images == 1 and (tmp_path / "out" / "good.png").exists()
