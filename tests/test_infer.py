@@ -486,21 +486,6 @@ def test_decode_gpu_ramps_its_first_decode_batches(small_runner, tmp_path, monke
     assert len(masks["gpu"]) == 27 and masks["gpu"] == masks["cpu"]
 
 
-def test_collect_inputs_counts_a_file_once_through_symlinks(tmp_path):
-    """A symlink to an image already found, a folder and a file of it both named, and a
-    symlinked folder (not descended into) give each image once; outputs mirror the tree."""
-    src = tmp_path / "in"
-    for rel in ("a.jpg", "sub/c.jpg"):
-        _save(src / rel, _photo(10, 12), quality=90)
-    (src / "b.jpg").symlink_to(src / "a.jpg")
-    (src / "link").symlink_to(src / "sub", target_is_directory=True)
-    (tmp_path / "elsewhere.jpg").symlink_to(src / "sub" / "c.jpg")
-    images, failed = collect_inputs([src, src / "a.jpg", tmp_path / "elsewhere.jpg"])
-    assert not failed
-    assert [(i.path.relative_to(tmp_path).as_posix(), i.rel_stem.as_posix()) for i in images] == [
-        ("in/a.jpg", "a"), ("in/sub/c.jpg", "sub/c")]
-
-
 class _FreezeRecordingRunner(_ConstantRunner):
     """A constant runner that records how many objects the collector has frozen at each batch."""
 

@@ -93,6 +93,21 @@ def test_each_file_is_listed_once(tmp_path):
     assert failed == [] and [i.path for i in images] == [a]
 
 
+def test_collect_inputs_counts_a_file_once_through_symlinks(tmp_path):
+    """A symlink to an image already found, a folder and a file of it both named, and a
+    symlinked folder (not descended into) give each image once; outputs mirror the tree."""
+    src = tmp_path / "in"
+    for rel in ("a.png", "sub/c.png"):
+        _png(src / rel)
+    (src / "b.png").symlink_to(src / "a.png")
+    (src / "link").symlink_to(src / "sub", target_is_directory=True)
+    (tmp_path / "elsewhere.png").symlink_to(src / "sub" / "c.png")
+    images, failed = collect_inputs([src, src / "a.png", tmp_path / "elsewhere.png"])
+    assert not failed
+    assert [(i.path.relative_to(tmp_path).as_posix(), i.rel_stem.as_posix()) for i in images] == [
+        ("in/a.png", "a"), ("in/sub/c.png", "sub/c")]
+
+
 def test_the_output_folder_inside_an_input_folder_is_skipped(tmp_path, monkeypatch):
     root = tmp_path / "in"
     _png(root / "a.png")
