@@ -426,9 +426,8 @@ def format_report(result: dict[str, Any]) -> str:
         if ratio is not None:
             lines.append(f"end-to-end / engine-only: {p['tiles_per_s']:.1f} / {p['engine_tiles_per_s']:.1f} "
                          f"tiles/s = {100 * ratio:.1f}%")
-        if "first_batch_s" in p:
-            lines.append(f"first batch at the engine after {p['first_batch_s']:.3f} s; after the last one "
-                         f"{p['drain_s']:.3f} s to the end (stitching, writes)")
+        lines.append(f"first batch at the engine after {p['first_batch_s']:.3f} s; after the last one "
+                     f"{p['drain_s']:.3f} s to the end (stitching, writes)")
         stages = p.get("stage_seconds") or {}
         if stages:
             lines.append("seconds per stage (summed over threads): "
