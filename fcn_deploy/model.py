@@ -25,7 +25,7 @@ from torch import nn
 from fcn_deploy import __version__
 from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError, first_line, shorten
 from fcn_deploy.fileio import atomic_path
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOC_COLORMAP
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOC_COLORMAP
 
 CHECKPOINT_FORMAT = "fcn-deploy-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError
 from fcn_deploy.model import FCN, bilinear_kernel, load_checkpoint, read_checkpoint, save_checkpoint
-from fcn_deploy.voc import VOC_CLASSES, VOC_COLORMAP
+from fcn_deploy.defaults import VOC_CLASSES, VOC_COLORMAP
 
 
 @pytest.fixture(scope="module")
