@@ -123,6 +123,18 @@ def test_truncated_checkpoint(net, tmp_path):
         load_checkpoint(empty)
 
 
+def test_random_bytes_are_never_a_checkpoint(tmp_path):
+    """Issue 24 (13): torch's legacy unpickler raised IndexError or KeyError on some random files
+    (seeds 17 and 62 of these), which escaped as a traceback; every one is a CheckpointError naming the file."""
+    import numpy as np
+
+    for seed in range(80):
+        bad = tmp_path / f"random{seed}.pt"
+        bad.write_bytes(np.random.default_rng(seed).bytes(500))
+        with pytest.raises(CheckpointError, match=f"random{seed}.pt"):
+            load_checkpoint(bad)
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(ArtifactNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
