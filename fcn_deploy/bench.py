@@ -188,7 +188,7 @@ def bench_compare(
     """
     import contextlib
 
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
     from fcn_deploy.runners.registry import get_backend
 
     names = list(dict.fromkeys(backends))
@@ -199,7 +199,7 @@ def bench_compare(
         report = check_writable(report, force)
     with contextlib.ExitStack() as stack:
         # --precision goes to the backends that take one (torch, trt); an ONNX decides its own
-        runners = [stack.enter_context(create_runner(
+        runners = [stack.enter_context(open_runner(
             n, device=device, precision=precision if get_backend(n).precision is None else None,
             export_dir=export_dir, engines_dir=engines_dir)) for n in names]
         tile_hw = runners[0].tile_hw
@@ -288,7 +288,7 @@ def bench(
 
     Args:
         backend, model, device, precision, export_dir, engines_dir, runner_kwargs: as for
-            :func:`fcn_deploy.runners.create_runner`.
+            :func:`fcn_deploy.runners.open_runner`.
         batch_sizes: tiles per call, each timed separately.
         warmup: untimed calls before each batch size's timed runs.
         iterations: timed calls per batch size (fewer once ``max_seconds`` of them have run,
@@ -311,7 +311,7 @@ def bench(
         engine, stitch, download, encode}} | None, "machine": {...},
         "fcn_deploy_version", "created"}``.
     """
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
 
     batch_sizes = _check_bench_args(batch_sizes, warmup, iterations)
     if images is not None and not Path(images).is_dir():
@@ -320,7 +320,7 @@ def bench(
         raise UsageError("--decode applies to the pipeline run of --images")
     if report is not None:
         report = check_writable(report, force)
-    runner = create_runner(
+    runner = open_runner(
         backend, model, device=device, precision=precision, export_dir=export_dir,
         engines_dir=engines_dir, **(runner_kwargs or {}),
     )

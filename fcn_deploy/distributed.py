@@ -22,10 +22,9 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
-from fcn_deploy.errors import FcnDeployError, UsageError, first_line
+from fcn_deploy.errors import ClusterError, FcnDeployError, UsageError, first_line
 
 #: What to install for ``--ray``.
 RAY_EXTRA = "pip install 'fcn-deploy[ray]'"
@@ -80,7 +79,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> tuple
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise FcnDeployError(f"--ray {address or ''}: cannot join the Ray cluster: {first_line(exc)}") from None
+        raise ClusterError(f"--ray {address or ''}: cannot join the Ray cluster: {first_line(exc)}") from None
     return ray, time.perf_counter() - start, True
 
 
@@ -96,7 +95,7 @@ def ray_failure(exc: BaseException) -> FcnDeployError:
         if isinstance(e, FcnDeployError):
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return FcnDeployError(f"the Ray run failed: {first_line(exc)}")
+    return ClusterError(f"the Ray run failed: {first_line(exc)}")
 
 
 def gpus_per_worker(backend: str, device: str, gpus: float | None) -> float:
@@ -105,23 +104,11 @@ def gpus_per_worker(backend: str, device: str, gpus: float | None) -> float:
         if gpus < 0:
             raise UsageError(f"--ray-gpus-per-worker must be >= 0, not {gpus}")
         return gpus
-    if device.startswith("cuda"):
+    from fcn_deploy.runners.device import gpu_runtime, is_cuda, resolve_device
+
+    if gpu_runtime(backend) == "trt":  # TensorRT runs on a GPU only (the workers' GPU, not the driver's)
         return 1.0
-    from fcn_deploy.runners.device import resolve_device
-
-    return 1.0 if resolve_device(backend, device, echo=None).startswith("cuda") else 0.0
-
-
-def resolve_artifact(backend: str, model, precision: str | None, export_dir: str | os.PathLike = "export",
-                      engines_dir: str | os.PathLike = "engines") -> tuple[str, str | None]:
-    """(absolute artifact path, precision) as the chain resolves them; stale: refused here."""
-    from fcn_deploy.chain import resolve
-    from fcn_deploy.runners.registry import get_backend
-
-    spec = get_backend(backend)
-    resolved = resolve(backend, model, export_dir=export_dir, engines_dir=engines_dir, precision=precision)
-    path = resolved.require_fresh()
-    return str(Path(path).resolve()), resolved.precision if spec.artifact == "checkpoint" else precision
+    return 1.0 if is_cuda(resolve_device(backend, device, echo=None)) else 0.0
 
 
 def map_workers(ray, rows: list[dict[str, Any]], worker: type, config: dict[str, Any], *, workers: int,

@@ -44,7 +44,12 @@ class ArtifactNotFoundError(FcnDeployError):
     """A model, ONNX or engine file the command needs is absent."""
 
 
-class CheckpointError(FcnDeployError):
+class ArtifactReadError(FcnDeployError):
+    """An artifact exists but cannot be read as what it claims to be (a corrupt or foreign ONNX,
+    engine or checkpoint): unlike a stale one, rebuilding its parent does not help."""
+
+
+class CheckpointError(ArtifactReadError):
     """A checkpoint is truncated, not a checkpoint, unsafe to load or of another architecture."""
 
 
@@ -108,3 +113,11 @@ class StaleArtifactError(FcnDeployError):
 
 class InputMismatchError(FcnDeployError):
     """A runner was fed a tensor of the wrong name, dtype or shape."""
+
+
+class RunnerStateError(FcnDeployError):
+    """A runner was used out of order: activated twice, or run before :meth:`activate`."""
+
+
+class ClusterError(FcnDeployError):
+    """The Ray cluster cannot be joined, or a run on it failed (not one image: the run)."""

@@ -1,39 +1,63 @@
-"""``--device auto``: pick CUDA when a GPU and the backend's GPU runtime are present, else CPU.
+"""Device strings: the one parser of ``--device`` (:func:`parse_device`, one error type:
+:class:`~fcn_deploy.errors.UsageError`) and ``--device auto`` (:func:`resolve_device`: CUDA when
+a GPU and the backend's GPU runtime are present, else CPU).
 
-:func:`resolve_device` is the one place this is decided (``create_runner`` and the commands
-call it); it says what it chose on stderr, e.g. ``device: cuda:0 (NVIDIA H200)`` or
-``device: cpu (no CUDA GPU)``. Explicit ``cpu`` / ``cuda`` / ``cuda:N`` are only normalised:
-a runner that cannot use the requested GPU says so when it is activated.
+:func:`resolve_device` is the one place ``auto`` is decided (:func:`fcn_deploy.runners.open_runner`
+calls it); it says what it chose in one line, e.g. ``device: cuda:0 (NVIDIA H200)`` or ``device:
+cpu (no CUDA GPU)``, through the ``fcn_deploy`` logger (the CLI prints it on stderr; a Python
+caller sees it only if it configures logging). Explicit ``cpu`` / ``cuda`` / ``cuda:N`` are only
+normalised: a runner that cannot use the requested GPU says so when it is activated.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Callable
 
-from fcn_deploy.errors import UsageError
+from fcn_deploy.errors import BackendUnavailableError, UsageError
+
+_log = logging.getLogger("fcn_deploy")
 
 #: Values ``--device`` accepts (``cuda:N`` besides).
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def parse_device(device: str) -> str:
-    """Accept ``cpu``, ``cuda`` or ``cuda:N``; return ``cpu`` or ``cuda:N`` (``cuda`` is GPU 0).
+def parse_device(device: str | int) -> str:
+    """Accept ``cpu``, ``cuda``, ``cuda:N`` or a GPU index N; return ``cpu`` or ``cuda:N``
+    (``cuda`` is GPU 0). The one parser of a device string: anything else is a
+    :class:`~fcn_deploy.errors.UsageError` naming ``--device``.
 
-    ``auto`` is resolved per backend by :func:`fcn_deploy.runners.device.resolve_device`.
+    ``auto`` is resolved per backend by :func:`resolve_device`.
     """
-    device = str(device).strip().lower()
-    if device == "cpu":
-        return device
-    if device == "cuda":
-        return "cuda:0"
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return f"cuda:{int(device[5:])}"
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device >= 0:
+            return f"cuda:{device}"
+    else:
+        text = str(device).strip().lower()
+        if text == "cpu":
+            return text
+        if text == "cuda":
+            return "cuda:0"
+        if text.startswith("cuda:") and text[5:].isdigit():
+            return f"cuda:{int(text[5:])}"
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def is_cuda(device: str) -> bool:
+    """True for a CUDA device string (``cuda``, ``cuda:N``)."""
+    return parse_device(device) != "cpu"
+
+
+def device_index(device: str | int) -> int:
+    """The GPU index of a CUDA device (``cuda`` is 0); :class:`UsageError` for ``cpu``."""
+    parsed = parse_device(device)
+    if parsed == "cpu":
+        raise UsageError("--device cpu has no GPU index")
+    return int(parsed[5:])
+
+
+def _log_info(line: str) -> None:
+    _log.info(line)
 
 
 def cuda_gpu() -> tuple[bool, str]:
@@ -59,7 +83,7 @@ def ort_cuda_provider() -> tuple[bool, str]:
     return False, f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
 
 
-def _runtime(backend: str) -> str:
+def gpu_runtime(backend: str) -> str:
     """Which GPU runtime a backend needs: ``trt`` (always a GPU), ``ort`` or ``torch``."""
     if backend.startswith("trt"):
         return "trt"
@@ -68,25 +92,32 @@ def _runtime(backend: str) -> str:
     return "torch"
 
 
-def resolve_device(backend: str, requested: str = "auto", *, echo: Callable[[str], None] | None = _stderr) -> str:
+def resolve_device(backend: str, requested: str = "auto", *, echo: Callable[[str], None] | None = _log_info) -> str:
     """The device ``backend`` runs on for ``--device requested``: ``cpu`` or ``cuda:N``.
 
     ``auto``: ``cuda:0`` when a CUDA GPU is visible and the backend's GPU runtime is present
-    (torch: a CUDA build of torch; ``ort*``: onnxruntime-gpu's CUDAExecutionProvider;
-    ``trt*``: always, TensorRT needs a GPU), else ``cpu``; the choice goes to ``echo`` (stderr
-    by default; ``None`` for silence) as one line. Anything else: ``cpu``, ``cuda`` (GPU 0) or
-    ``cuda:N``, returned normalised, no check (activation checks).
+    (torch: a CUDA build of torch; ``ort*``: onnxruntime-gpu's CUDAExecutionProvider), else
+    ``cpu``; ``trt*`` needs a GPU: ``cuda:0``, or an error when torch sees none. The choice goes
+    to ``echo`` as one line (default: the ``fcn_deploy`` logger at INFO; ``None`` for silence).
+    Anything else: ``cpu``, ``cuda`` (GPU 0) or ``cuda:N``, returned normalised, no check
+    (activation checks).
 
     Raises:
         UsageError: ``requested`` is none of these.
+        BackendUnavailableError: ``auto`` for ``trt`` on a machine without a CUDA GPU (said
+            before anything else, with what to use instead).
     """
     value = str(requested).strip().lower()
     if value != "auto":
         return parse_device(value)
-    runtime = _runtime(backend)
+    runtime = gpu_runtime(backend)
     gpu, name = cuda_gpu()
     if runtime == "trt":
-        device, why = "cuda:0", name if gpu else "TensorRT runs on a GPU only"
+        if not gpu:
+            raise BackendUnavailableError(
+                f"--backend {backend} runs TensorRT engines on an NVIDIA GPU only, and there is none here ({name}); "
+                "on this machine use --backend ort (onnxruntime) or torch")
+        device, why = "cuda:0", name
     elif not gpu:
         device, why = "cpu", name
     elif runtime == "ort":
