@@ -34,7 +34,7 @@ import re
 import secrets
 import socket
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 try:  # POSIX: the advisory lock that marks a temporary as in use
     import fcntl
