@@ -24,6 +24,7 @@ from fcn_deploy import fileio, images
 from fcn_deploy.cli import cli
 from fcn_deploy.errors import FcnDeployError, UsageError
 from fcn_deploy.infer import pipeline
+from fcn_deploy.infer.inputs import MARKER_NAME
 from fcn_deploy.infer.pipeline import run_inference
 from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
 
@@ -122,6 +123,27 @@ def test_a_new_output_folder_inside_the_tree_works_and_is_never_read_back(tmp_pa
         assert summary.images == 2 and summary.failed == [], run
     assert sorted(p for p in _tree(t / "preds") if not p.startswith(".")) == ["2024/beach.png", "beach.png"]
     assert {k: v for k, v in _tree(t).items() if not k.startswith("preds")} == before
+
+
+def test_an_earlier_runs_output_folder_in_the_tree_is_no_input(tmp_path):
+    t = _photo_tree(tmp_path)
+    assert _infer([t], t / "2024" / "run1").images == 2
+    (t / "2024" / "run2").mkdir()  # empty: a legal -o inside the photo folder
+    summary = _infer([t], t / "2024" / "run2")
+    assert summary.images == 2 and summary.failed == []
+    assert sorted(p for p in _tree(t / "2024" / "run2") if not p.startswith(".")) == ["2024/beach.png", "beach.png"]
+
+
+def test_a_folder_of_photos_as_output_is_never_marked(tmp_path):
+    """``infer t/2024/beach.png -o t`` is legal (no output replaces an input), but ``t`` holds the
+    user's photos: marking it as an output folder would hide them from every later walk."""
+    t = _photo_tree(tmp_path)
+    assert _infer([t / "2024" / "beach.png"], t).images == 1
+    assert not (t / MARKER_NAME).exists()
+    summary = _infer([tmp_path], tmp_path / "out")
+    assert sorted(p for p in _tree(tmp_path / "out") if not p.startswith(".")) == ["t/2024/beach.png"]
+    # t's photos are still walked: beach.jpg and the mask beside it clash on their output name
+    assert sorted(p for p, _ in summary.failed) == [str(t / "beach.jpg"), str(t / "beach.png")]
 
 
 # -- 2. a concurrent run's temporaries ----------------------------------------------------------

@@ -3,9 +3,10 @@ output name its masks get, and the output folder checked against the inputs befo
 
 The rules (docs/infer.md):
 
-* **Discovery.** Folders are walked recursively in name order, hidden entries (``.name``)
-  skipped; symlinked folders are followed, each real folder walked once (a link to an ancestor
-  does not loop); a symlinked file is its target; a broken symlink with an image extension is
+* **Discovery.** Folders are walked recursively in name order, hidden entries (``.name``) and
+  output folders of ``infer`` (below a root, holding :data:`MARKER_NAME`) skipped; symlinked
+  folders are followed, each real folder walked once (a link to an ancestor does not loop); a
+  symlinked file is its target; a broken symlink with an image extension is
   a failure by name. Files with an image extension are inputs; other names only when PIL
   recognises their content. A file named explicitly is always an input.
 * **Naming.** A pure function of the input path and its input root: the mask of
@@ -132,6 +133,8 @@ def _walk(arg: Path, rel: Path, arg_real: str, excluded: str | None, found: list
                 sub_real = real(path) if is_link else os.path.join(folder_real, name)
                 if excluded is not None and is_within(sub_real, excluded):
                     continue  # the output folder (or a link into it): outputs are no inputs
+                if os.path.isfile(os.path.join(path, MARKER_NAME)):
+                    continue  # an output folder of an earlier run (another -o): its masks are no inputs
                 if is_link:
                     links.append((path, rel / name, sub_real))
                     continue
@@ -335,13 +338,21 @@ def check_output_folder(output_dir: str | os.PathLike, paths: Sequence[str | os.
             f"outside {inside[0]}, or a new one")
 
 
-def write_marker(output_dir: str | os.PathLike) -> None:
-    """Mark ``output_dir`` (existing) as an output folder of ``infer`` (:data:`MARKER_NAME`)."""
+def write_marker(output_dir: str | os.PathLike) -> bool:
+    """Mark ``output_dir`` (existing) as an output folder of ``infer`` (:data:`MARKER_NAME`),
+    before any output is written, unless it holds images ``infer`` did not write: a folder of the
+    user's photos (``infer a.jpg -o photos``) is never marked, since a marked folder is left out
+    of every input walk. Returns whether the folder is marked."""
     from fcn_deploy.fileio import write_bytes_atomic
 
-    marker = Path(output_dir) / MARKER_NAME
-    if not marker.is_file():
-        write_bytes_atomic(marker, MARKER_TEXT)
+    folder = Path(output_dir)
+    marker = folder / MARKER_NAME
+    if marker.is_file():
+        return True
+    if _first_foreign_image(folder) is not None:
+        return False
+    write_bytes_atomic(marker, MARKER_TEXT)
+    return True
 
 
 def refuse_overwriting_inputs(

@@ -479,7 +479,7 @@ class _Pipeline:
                     item = next(todo, None)
                     if item is None:
                         return
-                    with self.clock("read"):
+                    with self.clock("decode"):  # PIL parses the header: part of decoding
                         size = read_size(item.path)
                     nbytes = 0
                     if size is not None:
