@@ -17,7 +17,7 @@ from PIL import Image
 from fcn_deploy.infer import segmenter as segmenter_module
 from fcn_deploy.errors import FcnDeployError, InputMismatchError, UsageError
 from fcn_deploy.images import normalize
-from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
+from fcn_deploy.runners.base import Capabilities, Runner, TensorSpec, argmax_labels
 from fcn_deploy.infer.segmenter import DEVICE_BATCHES_IN_FLIGHT, Segmenter, runner_device
 from fcn_deploy.tiling import ImageJob, make_assembler, plan_tiles
 from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, VOC_COLORMAP

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fcn_deploy.errors import EngineError, FcnDeployError, InputMismatchError
+from fcn_deploy.errors import EngineError, InputMismatchError
 from fcn_deploy.trt.runtime import Binding, BatchProfile, binding_table
 
 LOGITS = ("logits", "OUTPUT", (-1, 21, 64, 64), "FLOAT")
