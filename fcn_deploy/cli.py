@@ -4,6 +4,7 @@ library function. Errors of type :class:`~fcn_deploy.errors.FcnDeployError` beco
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -81,6 +82,23 @@ def cli() -> None:
     fcn-deploy infer photos/ -o out/    tiled inference of any image size
     fcn-deploy check                    parity of every backend against PyTorch
     """
+    _log_to_stderr()
+
+
+class _EchoHandler(logging.Handler):
+    """The ``fcn_deploy`` logger's INFO lines (the device chosen, ...) as plain lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _log_to_stderr() -> None:
+    """Once per process: the library's log lines go to stderr, unprefixed (a Python caller of the
+    library sees them only if it configures logging)."""
+    log = logging.getLogger("fcn_deploy")
+    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
+        log.addHandler(_EchoHandler())
+        log.setLevel(logging.INFO)
 
 
 # --- data and training (fcn_deploy.voc, fcn_deploy.train) -------------------------------

@@ -25,9 +25,9 @@ from fcn_deploy.trt.sidecar import (
 )
 from fcn_deploy.errors import (
     ArtifactExistsError,
+    ArtifactReadError,
     BackendUnavailableError,
     EngineError,
-    ExportError,
     StaleArtifactError,
     UsageError,
 )
@@ -241,7 +241,9 @@ def test_cli_infer_trt_without_gpu(tmp_path, monkeypatch):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, result.output
         last = result.output.strip().splitlines()[-1]
-        assert last.startswith("error: no NVIDIA GPU on this machine"), result.output
+        assert last.startswith("error: --backend trt runs TensorRT engines on an NVIDIA GPU only, and there is "
+                               "none here"), result.output
+        assert "device:" not in result.output  # not "device: cuda:0" first, then "no GPU"
         assert "--backend ort" in last and "pycuda" not in result.output and "build-engine" not in result.output
 
 
@@ -344,7 +346,7 @@ def test_fp16_onnx_refuses_fp32_build(rtx, fp16_onnx_path, tmp_path):
 def test_garbage_onnx_is_refused(rtx, tmp_path):
     bad = tmp_path / "fcn.onnx"
     bad.write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(ExportError, match="not a readable ONNX"):
+    with pytest.raises(ArtifactReadError, match="not a readable ONNX"):
         build_engine(bad, tmp_path / "x.engine", precision="fp32", flavour="rtx")
     assert not (tmp_path / "x.engine").exists()
 

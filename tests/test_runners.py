@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 
 from fcn_deploy.errors import (
     ArtifactNotFoundError,
+    ArtifactReadError,
     BackendUnavailableError,
-    ExportError,
     FcnDeployError,
     InputMismatchError,
     UsageError,
@@ -194,12 +194,12 @@ def test_ort_checks_metadata(onnx_path, tmp_path):
     embed_meta(model, {**meta, "num_classes": 5})
     wrong = tmp_path / "wrong.onnx"
     onnx.save(model, str(wrong))
-    with pytest.raises(ExportError, match="outputs 21 classes but its metadata says 5"):
+    with pytest.raises(ArtifactReadError, match="outputs 21 classes but its metadata says 5"):
         OnnxRuntimeRunner(wrong).activate()
     del model.metadata_props[:]
     bare = tmp_path / "bare.onnx"
     onnx.save(model, str(bare))
-    with pytest.raises(ExportError, match="carries no fcn-deploy metadata"):
+    with pytest.raises(ArtifactReadError, match="carries no fcn-deploy metadata"):
         OnnxRuntimeRunner(bare).activate()
 
 
@@ -228,11 +228,11 @@ def test_ort_rejects_wrong_input(tmp_path):
 
 def test_ort_rejects_wrong_output_and_garbage(tmp_path):
     path = _tiny_onnx(tmp_path / "flat.onnx", ["N", 3, 64, 64], ["N", 12288])
-    with pytest.raises(ExportError, match=r"output is y float32 \(N,12288\), expected logits"):
+    with pytest.raises(ArtifactReadError, match=r"output is y float32 \(N,12288\), expected logits"):
         OnnxRuntimeRunner(path).activate()
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"this is not a protobuf \x00\xff" * 10)
-    with pytest.raises(ExportError, match="garbage.onnx is not a readable ONNX model"):
+    with pytest.raises(ArtifactReadError, match="garbage.onnx is not a readable ONNX model"):
         OnnxRuntimeRunner(garbage).activate()
     with pytest.raises(ArtifactNotFoundError, match="nothing.onnx not found"):
         OnnxRuntimeRunner(tmp_path / "nothing.onnx").activate()
@@ -458,15 +458,18 @@ def test_resolve_device_auto_without_a_gpu(monkeypatch):
     assert lines == ["device: cpu (no CUDA GPU)"] * 2
 
 
-def test_factory_auto_device_picks_the_backend_runtime(fake_gpu, monkeypatch, checkpoint_path, tmp_path, capsys):
+def test_factory_auto_device_picks_the_backend_runtime(fake_gpu, monkeypatch, checkpoint_path, tmp_path, caplog,
+                                                       capsys):
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    torch_runner = open_runner("torch", checkpoint_path)
+    with caplog.at_level(logging.INFO, logger="fcn_deploy"):
+        torch_runner = open_runner("torch", checkpoint_path)
+        ort = open_runner("ort", tmp_path / "m.onnx")
     assert torch_runner.device == "cuda:0" and torch_runner.channels_last is False
-    ort = open_runner("ort", tmp_path / "m.onnx")
     assert ort.providers == ("cuda",) and ort.device == "cuda:0"
-    assert capsys.readouterr().err.splitlines() == ["device: cuda:0 (Fake GPU)"] * 2
+    assert [r.getMessage() for r in caplog.records if r.name == "fcn_deploy"] == ["device: cuda:0 (Fake GPU)"] * 2
+    assert capsys.readouterr() == ("", "")  # a library call prints nothing itself
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     cpu = open_runner("ort", tmp_path / "m.onnx")
     assert cpu.providers == ("cpu",) and cpu.device == "cpu"

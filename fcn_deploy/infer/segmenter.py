@@ -46,7 +46,7 @@ def runner_device(runner: Runner) -> str:
     numpy: an object that declares no capabilities)."""
     if not capabilities_of(runner).tensors:
         return "cpu"
-    return str(runner.device or "cpu")
+    return str(getattr(runner, "device", None) or "cpu")
 
 
 class Segmenter:
