@@ -107,9 +107,9 @@ class _ReplicaCollector:
                                         labels=["replica"])
         for name, snap in sorted(self.metrics.replicas().items()):
             running, buckets = 0, []
-            for bound, count in zip(list(ReplicaStats.BUCKETS) + ["+Inf"], snap["batch_buckets"]):
+            for bound, count in zip([str(float(b)) for b in ReplicaStats.BUCKETS] + ["+Inf"], snap["batch_buckets"]):
                 running += count
-                buckets.append((str(bound), running))
+                buckets.append((bound, running))
             batches.add_metric([name], buckets, snap["batch_tiles"])
             queued.add_metric([name], snap["tiles_queued"])
             engine.add_metric([name], snap["engine_seconds"])
