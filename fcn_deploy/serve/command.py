@@ -211,6 +211,7 @@ def start(settings: ServeSettings, *, ray_address: str | None = None, export_dir
             raise
         except Exception as exc:
             raise _deploy_failure(exc) from None
+        _check_listening(settings)
     except BaseException:
         if started:
             try:
@@ -219,6 +220,28 @@ def start(settings: ServeSettings, *, ray_address: str | None = None, export_dir
                 ray.shutdown()
         raise
     return Server(settings, ray, serve, started, time.perf_counter() - begin)
+
+
+def _check_listening(settings: ServeSettings, wait_s: float = 15.0) -> None:
+    """The application answers on ``--host``/``--port`` (a joined cluster whose Serve already
+    listens elsewhere keeps its own HTTP options: then say so rather than print a wrong URL)."""
+    import urllib.request
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else ("::1" if settings.host == "::" else settings.host)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}/healthz"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as res:
+                if res.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise FcnDeployError(f"the application does not answer on {settings.host}:{settings.port}; a Ray Serve "
+                                 "already running on this cluster with other HTTP options keeps them (stop it, or "
+                                 "serve on its port)")
+        time.sleep(0.2)
 
 
 def _check_resources(ray, settings: ServeSettings) -> None:
