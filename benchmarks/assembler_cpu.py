@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fcn_deploy.tiling import ImageJob, NumpyAssembler, TorchAssembler, plan_tiles
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
 
 
 def run(asm, images, logits) -> float:

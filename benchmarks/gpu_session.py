@@ -565,17 +565,17 @@ class SmiPeak:
 def step_memory(ctx: Ctx) -> None:
     import torch
 
-    from fcn_deploy.infer import run_inference
+    from fcn_deploy.infer.pipeline import run_inference
     from fcn_deploy.runners import create_runner
 
     rec = Recorder(ctx, "memory")
     huge = ctx.work / "photos" / "huge"
     count, h, w = photo_sets(ctx)["huge"]
     from fcn_deploy.tiling import plan_tiles
-    from fcn_deploy.tiling.assembler import torch_memory_bound
+    from fcn_deploy.tiling.torch_assembler import torch_memory_bound
 
     bound = torch_memory_bound(plan_tiles(h, w), 21, ctx.batch)
-    rec["assembler_bound"] = {"source": "fcn_deploy.tiling.assembler.torch_memory_bound", "H": h, "W": w,
+    rec["assembler_bound"] = {"source": "fcn_deploy.tiling.torch_assembler.torch_memory_bound", "H": h, "W": w,
                               "B": ctx.batch, "value_mib": round(bound / 2**20, 1)}
     configs = [("torch fp16", ("torch", ctx.model, {"precision": "fp16"})), ("ort fp32", ("ort", ctx.onnx("fcn.onnx"), {}))]
     if ctx.dry:
@@ -628,7 +628,7 @@ MASK_CONFIGS = [c for c in os.environ.get("MASK_CONFIGS", "").split(";") if c]
 def step_masks(ctx: Ctx) -> None:
     from PIL import Image
 
-    from fcn_deploy.infer import run_inference
+    from fcn_deploy.infer.pipeline import run_inference
     from fcn_deploy.runners import create_runner
 
     rec = Recorder(ctx, "masks")

@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from fcn_deploy.images import load_rgb
-from fcn_deploy.infer import run_inference
-from fcn_deploy.inputs import find_images
-from fcn_deploy.segmenter import Segmenter
+from fcn_deploy.infer.pipeline import run_inference
+from fcn_deploy.infer.inputs import find_images
+from fcn_deploy.infer.segmenter import Segmenter
 from fcn_deploy.tiling import DEFAULT_WINDOW, WINDOWS
 
 

@@ -67,7 +67,7 @@ def main() -> None:
     import onnx
 
     from fcn_deploy.artifacts import embed_meta, meta_from_model
-    from fcn_deploy.quantize import TileCalibrationReader, calibration_tiles, export_int8, quantize_qdq
+    from fcn_deploy.export.int8 import TileCalibrationReader, calibration_tiles, export_int8, quantize_qdq
     from fcn_deploy.runners import create_runner
 
     voc = args.workdir / "data" / "VOCdevkit" / "VOC2012"

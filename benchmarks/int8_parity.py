@@ -19,7 +19,7 @@ import numpy as np
 from fcn_deploy.images import normalize
 from fcn_deploy.parity.metrics import ParityAccumulator
 from fcn_deploy.parity.tiles import draw_tiles
-from fcn_deploy.quantize import export_int8
+from fcn_deploy.export.int8 import export_int8
 from fcn_deploy.runners import create_runner
 from fcn_deploy.voc import list_split, read_sample
 

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fcn_deploy.infer import run_inference  # noqa: E402
+from fcn_deploy.infer.pipeline import run_inference  # noqa: E402
 from fcn_deploy.runners.base import Runner, TensorSpec  # noqa: E402
 
 

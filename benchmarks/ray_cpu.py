@@ -3,7 +3,7 @@
 Times, interleaved over rounds (these machines are shared and noisy):
 
 * ``single``: :func:`fcn_deploy.infer.run_inference`, onnxruntime runner on the CPU;
-* ``ray 1x2``: :func:`fcn_deploy.distributed.run_inference_ray`, one worker holding 2 CPUs
+* ``ray 1x2``: :func:`fcn_deploy.infer.ray.run_inference_ray`, one worker holding 2 CPUs
   (the whole machine, like ``single``);
 * ``ray 2x1``: two workers of 1 CPU each.
 
@@ -49,9 +49,9 @@ def main() -> int:
 
     import ray
 
-    from fcn_deploy.distributed import run_inference_ray
+    from fcn_deploy.infer.ray import run_inference_ray
     from fcn_deploy.export.torch_export import export_onnx
-    from fcn_deploy.infer import run_inference
+    from fcn_deploy.infer.pipeline import run_inference
     from fcn_deploy.model import FCN, save_checkpoint
     from fcn_deploy.runners import create_runner
 

@@ -28,7 +28,7 @@ from fcn_deploy.export.torch_export import export_onnx
 from fcn_deploy.model import FCN, save_checkpoint
 from fcn_deploy.runners.onnxrt import OnnxRuntimeRunner, physical_cores
 from fcn_deploy.runners.torch_runner import TorchRunner
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:

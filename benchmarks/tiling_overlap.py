@@ -18,7 +18,7 @@ import torch
 from fcn_deploy.images import normalize
 from fcn_deploy.model import FCN
 from fcn_deploy.tiling import DEFAULT_OVERLAP, Stitcher, extract_tile, pad_tile, plan_tiles
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
 
 
 def synthetic_image(h: int, w: int, seed: int) -> np.ndarray:

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from fcn_deploy.images import normalize
-from fcn_deploy.segmenter import Segmenter
+from fcn_deploy.infer.segmenter import Segmenter
 from fcn_deploy.model import load_checkpoint
 from fcn_deploy.runners.torch_runner import TorchRunner
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, list_split, read_sample
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD
+from fcn_deploy.voc import list_split, read_sample
 
 
 def mosaics(voc_root: str, count: int) -> list[np.ndarray]:

@@ -369,8 +369,8 @@ def _bench_pipeline(runner, images: Path, batch_size: int, engine_tiles_per_s: f
     tiles/s with the engine alone at the same batch size; seconds per stage. A warm-up run on
     the first two images comes first (untimed, as the engine's warm-up calls): one-time costs
     such as the JPEG decoder's set-up or a first batch shape are not counted."""
-    from fcn_deploy.infer import run_inference
-    from fcn_deploy.inputs import collect_inputs
+    from fcn_deploy.infer.pipeline import run_inference
+    from fcn_deploy.infer.inputs import collect_inputs
 
     with tempfile.TemporaryDirectory(prefix="fcn-bench-") as out:
         first = [item.path for item in collect_inputs([images])[0][:2]]

@@ -27,15 +27,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fcn_deploy.defaults import DEFAULT_CHECKPOINT, DEFAULT_ENGINES_DIR, DEFAULT_EXPORT_DIR, ONNX_NAME
 from fcn_deploy.errors import ArtifactNotFoundError, FcnDeployError, StaleArtifactError, UsageError
 
-#: Default checkpoint (the ``torch`` backend's artifact and the root of the chain).
-DEFAULT_CHECKPOINT = Path("model.pt")
-#: Default export folder and the fp32 ONNX's name in it.
-DEFAULT_EXPORT_DIR = Path("export")
-ONNX_NAME = "fcn.onnx"
-#: Default folder of TensorRT engines.
-DEFAULT_ENGINES_DIR = Path("engines")
 
 
 def derived_onnx_path(onnx_path: str | os.PathLike, precision: str) -> Path:

@@ -131,7 +131,7 @@ def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, devi
 def export_cmd(checkpoint, output, height, width, batch, opset, fp16, keep_fp32, int8, int8_cpu, calib, voc_root, calib_tiles, calib_method, no_verify, force) -> None:
     """Export CHECKPOINT (default model.pt) to ONNX, check the graph and verify it."""
     from fcn_deploy.export.torch_export import DEFAULT_OPSET, export_artifacts
-    from fcn_deploy.quantize import check_int8_args, export_int8
+    from fcn_deploy.export.int8 import check_int8_args, export_int8
 
     check_int8_args(output, int8=int8, int8_cpu=int8_cpu, calib=calib, voc_root=voc_root, calib_tiles=calib_tiles, force=force)
     reports = export_artifacts(
@@ -172,7 +172,7 @@ def build_engine_cmd(onnx, precision, output, flavour, workspace, min_batch, opt
     click.echo(report.summary())
 
 
-# --- inference (fcn_deploy.infer; --ray: fcn_deploy.distributed) ------------------------------
+# --- inference (fcn_deploy.infer; --ray: fcn_deploy.infer.ray) ------------------------------
 def _ray_options(command):
     """``--ray [ADDRESS]``, ``--ray-workers``, ``--ray-gpus-per-worker``, ``--ray-cpus-per-worker``."""
     for option in reversed([
@@ -211,12 +211,12 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
               decode, ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker) -> None:
     """Segment images of any size (files or folders, recursively) into palette PNG masks."""
     from fcn_deploy.images import set_max_pixels
-    from fcn_deploy.infer import run_inference
+    from fcn_deploy.infer.pipeline import run_inference
     from fcn_deploy.runners import create_runner
 
     set_max_pixels(max_pixels)
     if ray_address is not None:
-        from fcn_deploy.distributed import run_inference_ray
+        from fcn_deploy.infer.ray import run_inference_ray
 
         if decode != "cpu":
             raise click.UsageError("--decode gpu is for single-process infer, not with --ray")

@@ -149,7 +149,7 @@ def _engine(r: DemoResult) -> str:
 
 
 def _infer(r: DemoResult, progress: bool) -> str:
-    from fcn_deploy.infer import run_inference
+    from fcn_deploy.infer.pipeline import run_inference
     from fcn_deploy.runners import create_runner
     from fcn_deploy.voc import list_split
 

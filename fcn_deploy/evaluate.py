@@ -1,20 +1,35 @@
 """``fcn-deploy evaluate``: whole VOC images through tiled inference, scored against their labels.
 
 Every pixel of every image of a split is predicted (the chapter's exercise) by a
-:class:`~fcn_deploy.segmenter.Segmenter` over any backend; one confusion matrix over all pixels
+:class:`~fcn_deploy.infer.segmenter.Segmenter` over any backend; one confusion matrix over all pixels
 (void 255 ignored) gives pixel accuracy, mean class accuracy, per-class IoU and mIoU. Results are
 in percent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from fcn_deploy.distributed import (
+    IMAGES_PER_BATCH,
+    check_address,
+    check_resources,
+    connect,
+    gpus_per_worker as _gpus,
+    import_ray,
+    map_workers,
+    resolve_artifact,
+    stream_rows,
+    worker_id,
+)
 from fcn_deploy.errors import UsageError
 from fcn_deploy.fileio import check_output_file, write_json_atomic
 
@@ -48,7 +63,7 @@ def evaluate_runner(
     """
     from tqdm import tqdm
 
-    from fcn_deploy.segmenter import Segmenter
+    from fcn_deploy.infer.segmenter import Segmenter
     from fcn_deploy.metrics import ConfusionMatrix
 
     classes = list(runner.meta["classes"])
@@ -98,7 +113,7 @@ def _predictions(segmenter, samples: Sequence, num_classes: int) -> Iterator[tup
     """(rgb, label, prediction) per sample, in order: (H, W, 3) uint8, (H, W) uint8, (H, W) uint8.
 
     Tiles of consecutive images share batches and each image's logits are averaged by the
-    segmenter's assembler (:meth:`~fcn_deploy.segmenter.Segmenter.segment`), so only the images
+    segmenter's assembler (:meth:`~fcn_deploy.infer.segmenter.Segmenter.segment`), so only the images
     whose tiles are in flight are held in memory. ``num_classes`` is checked against the model.
     """
     from fcn_deploy.errors import InputMismatchError
@@ -158,7 +173,7 @@ def evaluate(
     images) to ``grid``; both atomically, refusing to overwrite without ``force``.
 
     ``ray`` (an address, or ``""`` for the default cluster): the images are scored on a Ray
-    cluster by :func:`fcn_deploy.distributed.evaluate_ray` (``ray_options``: its ``ray_workers``,
+    cluster by :func:`evaluate_ray` (``ray_options``: its ``ray_workers``,
     ``gpus_per_worker``, ...), same result; ``grid`` is not available there.
     """
     from fcn_deploy import __version__
@@ -174,7 +189,6 @@ def evaluate(
     grid = None if grid is None else check_output_file(grid, force, "--grid")
     samples = list_split(voc_root, split)[:max_images]
     if ray is not None:
-        from fcn_deploy.distributed import evaluate_ray, import_ray
 
         if grid is not None:
             raise UsageError("--grid is not available with --ray (run evaluate without --ray for the grid)")
@@ -203,3 +217,129 @@ def evaluate(
                  f"model's {len(result['iou'])} classes and were not counted")
         echo(format_results(result))
     return result
+
+
+# -- evaluate --ray: the same scores on a Ray cluster (fcn_deploy.distributed) ----------------
+class _EvaluateWorker:
+    """A Ray actor for ``evaluate --ray``: rows (index, image, label) in, one confusion matrix
+    (flattened K*K int64) and the counts per image out."""
+
+    CONFIG: dict[str, Any] = {}  # set on the subclass :func:`map_workers` makes
+
+    def __init__(self) -> None:
+        from fcn_deploy.runners import create_runner
+        from fcn_deploy.infer.segmenter import Segmenter, runner_device
+
+        config = self.CONFIG
+        runner = create_runner(config["backend"], config["model"], device=config["device"],
+                               precision=config["precision"], **config["runner_options"])
+        kwargs = {} if config["overlap"] is None else {"overlap": config["overlap"]}
+        self.seg = Segmenter(runner, batch_size=config["batch_size"], **kwargs)
+        self.seg.prepare()
+        self.runner = runner
+        self.device = runner_device(runner)
+        self.classes = list(runner.meta["classes"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from fcn_deploy.metrics import ConfusionMatrix
+        from fcn_deploy.voc import VOCSample
+
+        samples = [VOCSample(str(n), Path(i), Path(lab))
+                   for n, i, lab in zip(batch["name"], batch["image"], batch["label"])]
+        k = len(self.classes)
+        rows: dict[str, list] = {"index": [], "confusion": [], "pixels": [], "outside": [], "tiles": [],
+                                 "inference_seconds": [], "worker": [], "device": [], "classes": [], "precision": []}
+        tiles, infer_s = self.seg.tiles_run, self.runner.total_inference_time
+        for (rgb, label, pred), index in zip(_predictions(self.seg, samples, k), batch["index"]):
+            cm = ConfusionMatrix(k)
+            cm.update(label, pred)
+            rows["index"].append(int(index))
+            rows["confusion"].append(cm.matrix.reshape(-1).astype(np.int64))
+            rows["pixels"].append(int(cm.matrix.sum()))
+            rows["outside"].append(int(np.count_nonzero((label >= k) & (label != cm.ignore_index))))
+        n = len(rows["index"])
+        # tiles and engine seconds of the batch, on its first row (tiles of images share batches)
+        rows["tiles"] = [self.seg.tiles_run - tiles] + [0] * (n - 1)
+        rows["inference_seconds"] = [self.runner.total_inference_time - infer_s] + [0.0] * (n - 1)
+        rows["worker"] = [worker_id()] * n
+        rows["device"] = [self.device] * n
+        rows["classes"] = [json.dumps(self.classes)] * n
+        rows["precision"] = [str(self.runner.meta.get("precision") or "")] * n
+        return rows
+
+
+def evaluate_ray(
+    samples: Sequence,
+    *,
+    address: str | None = None,
+    ray_workers: int = 1,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float = 1.0,
+    backend: str = "ort",
+    model: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    overlap: int | None = None,
+    images_per_batch: int = IMAGES_PER_BATCH,
+    progress: bool = False,
+    num_cpus: int | None = None,
+    export_dir: str | os.PathLike = "export",
+    engines_dir: str | os.PathLike = "engines",
+    runner_options: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``evaluate --ray``: score VOC ``samples`` on a Ray cluster; the workers' confusion matrices
+    are summed. Returns (the dict of :func:`fcn_deploy.evaluate.evaluate_runner`, info: ``device``,
+    ``precision``, ``startup_seconds``, ``workers``)."""
+    from tqdm import tqdm
+
+    from fcn_deploy.metrics import ConfusionMatrix
+
+    if ray_workers < 1:
+        raise UsageError(f"--ray-workers must be >= 1, not {ray_workers}")
+    import_ray()
+    address = check_address(address)
+    gpus = _gpus(backend, device, gpus_per_worker)
+    model_path, precision = resolve_artifact(backend, model, None, export_dir, engines_dir)
+    config = {"backend": backend, "model": model_path, "device": device, "precision": precision,
+              "batch_size": batch_size, "overlap": overlap, "runner_options": dict(runner_options or {})}
+    ray, startup, started = connect(address, num_cpus=num_cpus)
+    start = time.perf_counter()
+    cm: ConfusionMatrix | None = None
+    info: dict[str, Any] = {"device": None, "precision": precision, "startup_seconds": startup, "workers": set()}
+    totals = {"tiles": 0, "outside": 0, "inference_seconds": 0.0, "images": 0}
+    classes: list[str] = []
+    try:
+        check_resources(ray, ray_workers, cpus_per_worker, gpus)
+        items = [{"index": i, "name": s.name, "image": str(Path(s.image_path).resolve()),
+                  "label": str(Path(s.label_path).resolve())} for i, s in enumerate(samples)]
+        ds = map_workers(ray, items, _EvaluateWorker, config, workers=ray_workers, cpus=cpus_per_worker,
+                          gpus=gpus, images_per_batch=images_per_batch)
+        seen: set[int] = set()
+        with tqdm(total=len(items), unit="img", desc="evaluate", disable=not progress, leave=False) as bar, \
+                contextlib.closing(stream_rows(ds)) as stream:
+            for row in stream:
+                if cm is None:
+                    classes = json.loads(row["classes"])
+                    cm = ConfusionMatrix(len(classes))
+                    info["device"] = row["device"]
+                    info["precision"] = row["precision"] or None
+                if int(row["index"]) in seen:
+                    continue
+                seen.add(int(row["index"]))
+                cm.matrix += np.asarray(row["confusion"], dtype=cm.matrix.dtype).reshape(cm.matrix.shape)
+                totals["tiles"] += int(row["tiles"])
+                totals["outside"] += int(row["outside"])
+                totals["inference_seconds"] += float(row["inference_seconds"])
+                totals["images"] += 1
+                info["workers"].add(row["worker"])
+                bar.update()
+    finally:
+        if started:
+            ray.shutdown()
+    if cm is None:
+        raise UsageError("evaluate --ray: the split has no images")
+    info["workers"] = sorted(info["workers"])
+    result = result_from_confusion(cm, classes, images=totals["images"], tiles=totals["tiles"],
+                                   seconds=time.perf_counter() - start,
+                                   inference_seconds=totals["inference_seconds"], outside=totals["outside"])
+    return result, info

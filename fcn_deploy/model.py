@@ -25,7 +25,7 @@ from torch import nn
 from fcn_deploy import __version__
 from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError, first_line, shorten
 from fcn_deploy.fileio import atomic_path
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOC_COLORMAP
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOC_COLORMAP
 
 CHECKPOINT_FORMAT = "fcn-deploy-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -133,6 +133,9 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (its bytes are no pickle torch.save writes)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001: the legacy unpickler fails on random bytes with IndexError,
+        # KeyError, struct.error, ... (1 file in 12 of random bytes): whatever it raises, the file is no checkpoint
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> None:

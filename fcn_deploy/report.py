@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from fcn_deploy.fileio import atomic_path
-from fcn_deploy.voc import IGNORE_INDEX, VOID_COLOR
+from fcn_deploy.defaults import IGNORE_INDEX, VOID_COLOR
 
 #: Colour of the pixels where a backend and the reference disagree (bright magenta).
 DISAGREE_COLOR = (255, 0, 255)

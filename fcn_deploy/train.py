@@ -32,7 +32,8 @@ from typing import Any
 from fcn_deploy.errors import ArtifactNotFoundError, BackendUnavailableError, UsageError
 from fcn_deploy.fileio import check_output_file, write_json_atomic
 from fcn_deploy.metrics import ConfusionMatrix
-from fcn_deploy.voc import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES, VOCSegDataset
+from fcn_deploy.defaults import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES
+from fcn_deploy.voc import VOCSegDataset
 
 #: The FCN's total stride: the network's input sides must be multiples of it.
 STRIDE = 32

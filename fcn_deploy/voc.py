@@ -1,5 +1,5 @@
-"""Pascal VOC: class names, colormap, normalisation constants, the VOC-format reader and a
-synthetic VOC-format writer.
+"""Pascal VOC: the palette, the VOC-format reader and a synthetic VOC-format writer (the class
+names, colormap and normalisation constants live in :mod:`fcn_deploy.defaults`).
 
 Layout read and written (``VOCdevkit/VOC2012``)::
 
@@ -24,31 +24,17 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from fcn_deploy.errors import ArtifactExistsError, DatasetError, ImageReadError, UsageError
 from fcn_deploy.fileio import atomic_path, write_bytes_atomic
+from fcn_deploy.defaults import (  # the model's constants; re-exported: fcn_deploy.voc.VOC_CLASSES works
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TILE_HW,
+    VOC_CLASSES,
+    VOC_COLORMAP,
+    VOID_COLOR,
+)
 from fcn_deploy.images import load_rgb, normalize
 
-VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "potted plant",
-    "sheep", "sofa", "train", "tv/monitor",
-)
-
-VOC_COLORMAP: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128),
-    (0, 128, 128), (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0),
-    (64, 0, 128), (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0),
-    (0, 192, 0), (128, 192, 0), (0, 64, 128),
-)
-
-#: Label value of VOC's object borders: ignored by the loss and by every metric.
-IGNORE_INDEX = 255
-#: Colour VOC uses for void pixels in its palette PNGs.
-VOID_COLOR = (224, 224, 192)
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-#: The deployment tile (height, width); both are multiples of 32.
-TILE_HW: tuple[int, int] = (320, 480)
 
 
 def voc_palette() -> list[int]:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import fcn_deploy.tiling.assembler as assembler_module
+import fcn_deploy.tiling.torch_assembler as assembler_module
 from fcn_deploy.tiling import ImageJob, NumpyAssembler, TorchAssembler, plan_tiles
 from fcn_deploy.tiling.arena import Slot, arena_bytes, arena_capacity
-from fcn_deploy.tiling.assembler import torch_memory_bound
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD
+from fcn_deploy.tiling.torch_assembler import torch_memory_bound
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD
 
 TILE = (16, 24)
 
@@ -179,7 +179,7 @@ def test_short_last_batch_keeps_the_batch_shape(checkpoint_path):
     """With keep_batch_shape (the default on CUDA), every runner call gets the full batch size,
     the zero tiles after the real ones change no mask and are not counted as tiles run."""
     from fcn_deploy.runners.torch_runner import TorchRunner
-    from fcn_deploy.segmenter import Segmenter
+    from fcn_deploy.infer.segmenter import Segmenter
 
     rng = np.random.default_rng(5)
     photos = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in [(50, 70), (100, 150), (64, 96)]]

@@ -15,8 +15,8 @@ from fcn_deploy.tiling import (
     make_assembler,
     plan_tiles,
 )
-from fcn_deploy.tiling.assembler import WHOLE_IMAGE_BAND_BYTES, torch_memory_bound
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
+from fcn_deploy.tiling.torch_assembler import WHOLE_IMAGE_BAND_BYTES, torch_memory_bound
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, TILE_HW
 
 
 def _assemblers(batch_size: int = 4, tile_hw=TILE_HW, **kw):
@@ -121,7 +121,7 @@ def test_segmenter_masks_equal_on_decoded_photos(checkpoint_path, voc_root):
     """The real model on decoded JPEGs: torch assembler (CPU tensors) == numpy assembler."""
     from fcn_deploy.images import load_rgb
     from fcn_deploy.runners.torch_runner import TorchRunner
-    from fcn_deploy.segmenter import Segmenter
+    from fcn_deploy.infer.segmenter import Segmenter
 
     photos = sorted((voc_root / "JPEGImages").glob("*.jpg"))[:2]
     assert photos

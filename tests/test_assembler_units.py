@@ -29,10 +29,11 @@ from fcn_deploy.tiling import (
     make_assembler,
     plan_tiles,
 )
-from fcn_deploy.tiling import assembler as assembler_module
-from fcn_deploy.tiling.assembler import Batch, GridIndex, torch_memory_bound
-from fcn_deploy.tiling.grid import _axis_window
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD
+from fcn_deploy.tiling import torch_assembler as assembler_module
+from fcn_deploy.tiling.assembler import Batch
+from fcn_deploy.tiling.torch_assembler import GridIndex, torch_memory_bound
+from fcn_deploy.tiling.grid import axis_window
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD
 
 TILE = (8, 12)
 KINDS = ("numpy", "torch")
@@ -349,7 +350,7 @@ def test_grid_index_tensors(pad_mode):
             assert ix.pad_mask is None
         for got, n, size in ((ix.win_rows, grid.rows, th), (ix.win_cols, grid.cols, tw)):
             assert got.dtype == torch.float32
-            want = [_axis_window(size, "hann", 0.2, i == 0, i == n - 1) for i in range(n)]
+            want = [axis_window(size, "hann", 0.2, i == 0, i == n - 1) for i in range(n)]
             np.testing.assert_array_equal(got.numpy(), np.stack(want))
 
 

@@ -12,15 +12,15 @@ import torchvision.io  # noqa: F401  (imported once here: in mutmut's fork serve
 from click.testing import CliRunner
 from PIL import Image
 
-import fcn_deploy.devicedecode as devicedecode
+import fcn_deploy.infer.gpu_decode as devicedecode
 from fcn_deploy.cli import cli
-from fcn_deploy.devicedecode import decode_batch, read_encoded
+from fcn_deploy.infer.gpu_decode import decode_batch, read_encoded
 from fcn_deploy.errors import ImageReadError, ImageTooLargeError, UsageError
 from fcn_deploy.images import load_rgb
-from fcn_deploy.infer import run_inference
+from fcn_deploy.infer.pipeline import run_inference
 from fcn_deploy.runners.torch_runner import TorchRunner
-from fcn_deploy.tiling.assembler import NumpyAssembler, TorchAssembler
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD
+from fcn_deploy.tiling import NumpyAssembler, TorchAssembler
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD
 
 SMALL = (64, 96)
 

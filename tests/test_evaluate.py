@@ -12,7 +12,8 @@ from PIL import Image
 from fcn_deploy.errors import DatasetError
 from fcn_deploy.report import colorize, prediction_grid
 from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
-from fcn_deploy.voc import VOID_COLOR, VOCSample
+from fcn_deploy.defaults import VOID_COLOR
+from fcn_deploy.voc import VOCSample
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 COLORMAP = [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
@@ -121,7 +122,8 @@ def test_evaluate_cli_json_and_grid(onnx_path, voc_root, tmp_path):
     from click.testing import CliRunner
 
     from fcn_deploy.cli import cli
-    from fcn_deploy.voc import VOC_CLASSES, image_hw, list_split
+    from fcn_deploy.defaults import VOC_CLASSES
+    from fcn_deploy.voc import image_hw, list_split
 
     report, grid = tmp_path / "eval.json", tmp_path / "grid.png"
     args = ["evaluate", "--voc-root", str(voc_root), "--backend", "ort", "--model", str(onnx_path),

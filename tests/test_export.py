@@ -30,7 +30,7 @@ FP32_MAX_ABS = DEFAULT_THRESHOLDS["fp32"]["max_abs"]
 FP16_MIN_AGREEMENT = DEFAULT_THRESHOLDS["fp16"]["agreement"]
 from fcn_deploy.fileio import sha256_file
 from fcn_deploy.model import FCN, load_checkpoint
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC_COLORMAP
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC_COLORMAP
 
 H, W, K = 320, 480, len(VOC_CLASSES)
 

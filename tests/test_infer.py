@@ -16,13 +16,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fcn_deploy.errors import FcnDeployError, InputMismatchError, UsageError
-from fcn_deploy.infer import run_inference
-from fcn_deploy.inputs import collect_inputs, find_images
-from fcn_deploy.segmenter import Segmenter
+from fcn_deploy.infer.pipeline import run_inference
+from fcn_deploy.infer.inputs import collect_inputs, find_images
+from fcn_deploy.infer.segmenter import Segmenter
 from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
 from fcn_deploy.runners.torch_runner import TorchRunner
 from fcn_deploy.tiling import DEFAULT_OVERLAP, DEFAULT_WINDOW, plan_tiles
-from fcn_deploy.voc import TILE_HW, voc_palette
+from fcn_deploy.defaults import TILE_HW
+from fcn_deploy.voc import voc_palette
 
 SMALL = (64, 96)
 OVERLAP = 32
@@ -152,7 +153,7 @@ class _LocalRunner(Runner):
 
 def test_stitching_reproduces_a_local_model_exactly():
     from fcn_deploy.images import normalize
-    from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD
+    from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD
 
     rgb = _photo(320, 448, seed=5)
     runner = _LocalRunner((128, 160))
@@ -461,8 +462,8 @@ def test_decode_gpu_ramps_its_first_decode_batches(small_runner, tmp_path, monke
     """--decode gpu (torchvision's CPU decoder on the CPU torch assembler): the first device
     decodes take 4, 8, 16 images, then MAX_BATCH_IMAGES (the engine starts after a few files,
     not after 3 x 32), and the masks are those of the PIL-decoded pipeline."""
-    import fcn_deploy.infer as infer_module
-    from fcn_deploy import devicedecode
+    import fcn_deploy.infer.pipeline as infer_module
+    from fcn_deploy.infer import gpu_decode as devicedecode
 
     sizes: list[int] = []
     decode = infer_module.decode_batch

@@ -18,10 +18,10 @@ from PIL import Image
 
 from fcn_deploy.cli import cli
 from fcn_deploy.errors import DiskFullError, UsageError
-from fcn_deploy.infer import run_inference
+from fcn_deploy.infer.pipeline import run_inference
 from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
 from fcn_deploy.runners.torch_runner import TorchRunner
-from fcn_deploy.segmenter import Segmenter
+from fcn_deploy.infer.segmenter import Segmenter
 
 SMALL = (64, 96)
 OVERLAP = 32

@@ -1,4 +1,4 @@
-"""Input discovery of ``infer`` (:mod:`fcn_deploy.inputs`): which files of a folder are images,
+"""Input discovery of ``infer`` (:mod:`fcn_deploy.infer.inputs`): which files of a folder are images,
 their output stems, the output folder kept out, outputs that would replace an input refused,
 and the output folder checked before any work."""
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fcn_deploy.errors import FcnDeployError
-from fcn_deploy.inputs import (InputImage, _is_image_candidate, check_output_dir, collect_inputs, find_images,
+from fcn_deploy.infer.inputs import (InputImage, _is_image_candidate, check_output_dir, collect_inputs, find_images,
                                refuse_overwriting_inputs)
 
 

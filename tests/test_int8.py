@@ -1,4 +1,4 @@
-"""INT8 QDQ export (fcn_deploy.quantize): calibration data, graph form, sidecar, verification
+"""INT8 QDQ export (fcn_deploy.export.int8): calibration data, graph form, sidecar, verification
 gate, runner, the ``ort-int8`` registry entry and its staleness, ``check``'s int8 limits, and
 ``build-engine --int8`` with TensorRT-RTX (a real build on the CPU; the engine is not run)."""
 
@@ -22,7 +22,7 @@ from fcn_deploy.errors import (
     VerificationError,
 )
 from fcn_deploy.fileio import sha256_file
-from fcn_deploy.quantize import (
+from fcn_deploy.export.int8 import (
     MIN_CALIB_TILES,
     TileCalibrationReader,
     calibration_tiles,
@@ -247,7 +247,7 @@ def test_export_verification_uses_the_int8_limits(small_onnx, voc_root, tmp_path
     naming the metric, and writes nothing; an int8 model equal to its parent passes."""
     from fcn_deploy.artifacts import meta_from_model
     from fcn_deploy.parity.thresholds import DEFAULT_THRESHOLDS
-    from fcn_deploy.quantize import verify_int8
+    from fcn_deploy.export.int8 import verify_int8
 
     out = tmp_path / "fcn.int8.onnx"
     with pytest.raises(VerificationError, match=r"ONNX int8 vs ONNX fp32: argmax agreement \d+\.\d+% < 99\.00%"):

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from fcn_deploy.errors import ArtifactNotFoundError, CheckpointError
 from fcn_deploy.model import FCN, bilinear_kernel, load_checkpoint, read_checkpoint, save_checkpoint
-from fcn_deploy.voc import VOC_CLASSES, VOC_COLORMAP
+from fcn_deploy.defaults import VOC_CLASSES, VOC_COLORMAP
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,18 @@ def test_truncated_checkpoint(net, tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.pt"):
         load_checkpoint(empty)
+
+
+def test_random_bytes_are_never_a_checkpoint(tmp_path):
+    """Issue 24 (13): torch's legacy unpickler raised IndexError or KeyError on some random files
+    (seeds 17 and 62 of these), which escaped as a traceback; every one is a CheckpointError naming the file."""
+    import numpy as np
+
+    for seed in range(80):
+        bad = tmp_path / f"random{seed}.pt"
+        bad.write_bytes(np.random.default_rng(seed).bytes(500))
+        with pytest.raises(CheckpointError, match=f"random{seed}.pt"):
+            load_checkpoint(bad)
 
 
 def test_missing_checkpoint(tmp_path):

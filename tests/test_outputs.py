@@ -1,4 +1,4 @@
-"""The mask writer of ``infer``: palette PNGs written by :func:`fcn_deploy.outputs.write_palette_png`
+"""The mask writer of ``infer``: palette PNGs written by :func:`fcn_deploy.infer.outputs.write_palette_png`
 (stdlib zlib, not PIL), read back by PIL exactly as PIL's own writer's."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcn_deploy import outputs
-from fcn_deploy.outputs import palette, write_mask, write_palette_png
+from fcn_deploy.infer import outputs
+from fcn_deploy.infer.outputs import palette, write_mask, write_palette_png
 from fcn_deploy.voc import voc_palette
 
 

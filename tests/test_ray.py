@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from fcn_deploy.infer import run_inference
+from fcn_deploy.infer.pipeline import run_inference
 from fcn_deploy.runners.torch_runner import TorchRunner
 
 SMALL = (64, 96)  # tile of the runners here: small photos, fast tiles
@@ -49,7 +49,7 @@ def _photos(root, n: int, hw=(50, 80)):
 
 
 def _ray_infer(paths, out, checkpoint, **kw):
-    from fcn_deploy.distributed import run_inference_ray
+    from fcn_deploy.infer.ray import run_inference_ray
 
     kw.setdefault("ray_workers", 2)
     return run_inference_ray(paths, out, backend="torch", model=checkpoint, device="cpu", overlap=OVERLAP,
@@ -149,7 +149,7 @@ def test_skip_existing_after_an_interrupted_driver_redoes_nothing_finished(ray_c
 
 
 def test_evaluate_ray_equals_single_process(ray_cluster, checkpoint_path, voc_root):
-    from fcn_deploy.distributed import evaluate_ray
+    from fcn_deploy.evaluate import evaluate_ray
     from fcn_deploy.evaluate import evaluate_runner
     from fcn_deploy.voc import list_split
 
@@ -180,7 +180,7 @@ def test_bad_ray_address_is_one_line(tmp_path):
 def test_without_ray_the_package_works_and_ray_is_a_one_line_error(checkpoint_path, tmp_path):
     code = (
         "import sys; sys.modules['ray'] = None\n"  # import ray -> ImportError, as when not installed
-        "import fcn_deploy, fcn_deploy.cli, fcn_deploy.infer, fcn_deploy.evaluate, fcn_deploy.distributed\n"
+        "import fcn_deploy, fcn_deploy.cli, fcn_deploy.infer.pipeline, fcn_deploy.evaluate, fcn_deploy.distributed, fcn_deploy.infer.ray\n"
         "from click.testing import CliRunner\n"
         "r = CliRunner().invoke(fcn_deploy.cli.cli, sys.argv[1:])\n"
         "print(r.output); sys.exit(r.exit_code)\n"

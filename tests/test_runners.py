@@ -575,7 +575,7 @@ def test_missing_onnxruntime_names_both_extras(monkeypatch):
     import sys
 
     from fcn_deploy.errors import BackendUnavailableError
-    from fcn_deploy.ortimport import import_onnxruntime
+    from fcn_deploy.runners.ortimport import import_onnxruntime
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(BackendUnavailableError, match=r"pip install 'fcn-deploy\[cpu\]' .* or 'fcn-deploy\[gpu\]'"):

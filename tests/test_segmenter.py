@@ -1,4 +1,4 @@
-"""The Segmenter (fcn_deploy.segmenter) with small runners that compute for real: a per-pixel
+"""The Segmenter (fcn_deploy.infer.segmenter) with small runners that compute for real: a per-pixel
 1x1 convolution, whose stitched result must equal the convolution of the whole image (every
 tile sees the same value at a pixel, whatever the window), and a "context" model whose logits
 also depend on the tile's mean, so that the window and the padding show in the result.
@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fcn_deploy import segmenter as segmenter_module
+from fcn_deploy.infer import segmenter as segmenter_module
 from fcn_deploy.errors import FcnDeployError, InputMismatchError, UsageError
 from fcn_deploy.images import normalize
 from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
-from fcn_deploy.segmenter import DEVICE_BATCHES_IN_FLIGHT, Segmenter, runner_device
+from fcn_deploy.infer.segmenter import DEVICE_BATCHES_IN_FLIGHT, Segmenter, runner_device
 from fcn_deploy.tiling import ImageJob, make_assembler, plan_tiles
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_COLORMAP
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, VOC_COLORMAP
 
 TILE = (32, 48)
 OVERLAP = 8

@@ -20,7 +20,7 @@ from fcn_deploy.tiling import (
     plan_tiles,
     tile_window,
 )
-from fcn_deploy.voc import TILE_HW
+from fcn_deploy.defaults import TILE_HW
 
 
 def _coverage(grid) -> np.ndarray:

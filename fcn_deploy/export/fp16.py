@@ -17,8 +17,8 @@ import numpy as np
 from fcn_deploy.artifacts import embed_meta, load_onnx, meta_from_model, onnx_io, parent_ref
 from fcn_deploy.chain import fp16_onnx_path
 from fcn_deploy.errors import ExportError, UsageError
-from fcn_deploy.export.graph import check_graph
-from fcn_deploy.export.torch_export import _quiet, _version, _write_artifact, check_outputs
+from fcn_deploy.export.graph import FP16_MAX, FP16_TINY, check_graph
+from fcn_deploy.export.writing import check_outputs, package_version, quiet, write_artifact
 from fcn_deploy.export.verify import run_onnx, verification_plan, verification_tiles, verify_logits
 
 #: Nodes kept in float32 by default in the FP16 model: none. Measured on the random-weight FCN, 16
@@ -29,10 +29,6 @@ from fcn_deploy.export.verify import run_onnx, verification_plan, verification_t
 DEFAULT_KEEP_FP32: tuple[str, ...] = ()
 
 
-#: Smallest positive float16 (subnormal) and largest finite float16: the converter's clamping
-#: bounds, so weights are only rounded, never lifted to its default 1e-7 floor or clipped at 1e4.
-FP16_TINY = 2.0 ** -24
-FP16_MAX = 65504.0
 
 
 def convert_fp16(
@@ -59,7 +55,7 @@ def convert_fp16(
     if meta.get("precision") != "fp32":
         raise UsageError(f"{onnx_path} has precision {meta.get('precision')!r}; convert an fp32 ONNX")
     keep = _resolve_nodes(fp32, DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
-    with _quiet():
+    with quiet():
         fp16 = float16.convert_float_to_float16(
             fp32, keep_io_types=True, node_block_list=keep,
             min_positive_val=FP16_TINY, max_finite_val=FP16_MAX,
@@ -72,7 +68,7 @@ def convert_fp16(
     meta.update(
         precision="fp16",
         parent=parent_ref(onnx_path),
-        exporter=f"{meta.get('exporter', 'unknown exporter')}; onnxconverter-common {_version('onnxconverter-common')} "
+        exporter=f"{meta.get('exporter', 'unknown exporter')}; onnxconverter-common {package_version('onnxconverter-common')} "
         "float16.convert_float_to_float16(keep_io_types=True)",
         keep_fp32=keep,
         io=onnx_io(fp16),
@@ -81,7 +77,7 @@ def convert_fp16(
     if verify:
         meta["verification"] = verify_fp16(fp16, fp32)
     embed_meta(fp16, meta)
-    _write_artifact(fp16, meta, output, sidecar)
+    write_artifact(fp16, meta, output, sidecar)
     return output
 
 

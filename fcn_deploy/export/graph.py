@@ -10,6 +10,12 @@ import numpy as np
 from fcn_deploy.artifacts import onnx_io
 from fcn_deploy.errors import ExportError, first_line
 
+#: Smallest positive float16 (subnormal) and largest finite float16: the FP16 converter's
+#: clamping bounds (:mod:`fcn_deploy.export.fp16`), so weights are only rounded, never lifted
+#: to its default 1e-7 floor or clipped at 1e4; the weight check below allows for the first.
+FP16_TINY = 2.0 ** -24
+FP16_MAX = 65504.0
+
 #: Name of the dynamic batch dimension in the ONNX graph.
 BATCH_DIM = "batch"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -110,8 +116,6 @@ def _check_transpose_conv(model, num_classes: int, weight_ref: np.ndarray | None
     if weight_ref is not None:
         ref = np.asarray(weight_ref, dtype=np.float32)
         if weight.dtype == np.float16:
-            from fcn_deploy.export.fp16 import FP16_TINY
-
             # float16 rounding of the reference; the converter lifts |x| < FP16_TINY to FP16_TINY
             # (trained weights hold many such values after weight decay).
             same = np.allclose(weight.astype(np.float32), ref.astype(np.float16).astype(np.float32),

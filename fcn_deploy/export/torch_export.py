@@ -10,14 +10,10 @@ avoided: the in-memory ``ModelProto`` is saved as one self-contained file.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from fcn_deploy.artifacts import (
     checkpoint_artifact_meta,
@@ -31,7 +27,7 @@ from fcn_deploy.chain import fp16_onnx_path
 from fcn_deploy.errors import ExportError, UsageError, first_line
 from fcn_deploy.export.graph import BATCH_DIM, INPUT_NAME, OUTPUT_NAME, check_graph
 from fcn_deploy.export.verify import verification_plan, verification_tiles, verify_onnx
-from fcn_deploy.fileio import atomic_path, check_output_file, write_json_atomic
+from fcn_deploy.export.writing import check_outputs, package_version, quiet, write_artifact
 
 #: Default opset: the torch.export-based exporter's native opset (no version conversion), parsed by
 #: TensorRT 10.x/11.x (max opset 20-25), TensorRT-RTX 1.x and onnxruntime >= 1.14.
@@ -141,7 +137,7 @@ def export_onnx(
         precision="fp32",
         io=onnx_io(proto),
         opset=opset,
-        exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}, onnxscript {_version('onnxscript')}",
+        exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}, onnxscript {package_version('onnxscript')}",
         verification=None,
     )
     if verify:
@@ -149,7 +145,7 @@ def export_onnx(
         tiles = verification_tiles(n_tiles, height, width, meta["mean"], meta["std"])
         meta["verification"] = verify_onnx(proto, model, tiles, batch=run_batch)
     embed_meta(proto, meta)
-    _write_artifact(proto, meta, output, sidecar)
+    write_artifact(proto, meta, output, sidecar)
     return ExportReport(output, sidecar, meta, meta["verification"])
 
 
@@ -169,32 +165,6 @@ def _check_export_args(height: int, width: int, batch: int | None, opset: int) -
         )
 
 
-def check_outputs(output: str | os.PathLike, force: bool) -> tuple[Path, Path]:
-    """(ONNX path, sidecar path), refusing an existing one without ``force`` or a non-.onnx name."""
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise UsageError(f"output {output} must end in .onnx (its sidecar is <stem>.json)")
-    return check_output_file(output, force, "-o"), check_output_file(sidecar_path(output), force)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' progress prints, warnings and log records."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    sink = io.StringIO()
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _torch_export(model, height: int, width: int, batch: int | None, opset: int):
     """Run the torch.export-based exporter; return the ``onnx.ModelProto`` (weights inside)."""
     import torch
@@ -203,7 +173,7 @@ def _torch_export(model, height: int, width: int, batch: int | None, opset: int)
     example = torch.zeros(batch or 2, 3, height, width)
     dynamic = None if batch else ({0: torch.export.Dim(BATCH_DIM)},)
     try:
-        with _quiet():
+        with quiet():
             program = torch.onnx.export(
                 model, (example,), None, dynamo=True, opset_version=opset, verbose=False,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic,
@@ -215,19 +185,3 @@ def _torch_export(model, height: int, width: int, batch: int | None, opset: int)
     if written != {opset}:
         raise ExportError(f"the exporter wrote opset {sorted(written)} instead of --opset {opset}")
     return proto
-
-
-def _write_artifact(proto, meta: dict[str, Any], output: Path, sidecar: Path) -> None:
-    """Save ``proto`` as one self-contained file (no external data) and its sidecar, atomically."""
-    import onnx
-
-    with atomic_path(output) as tmp:
-        onnx.save_model(proto, tmp, save_as_external_data=False)
-        write_json_atomic(sidecar, meta)
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
-

@@ -40,7 +40,7 @@ def verification_tiles(
 def run_onnx(model, tiles: np.ndarray, batch: int) -> np.ndarray:
     """Run an ONNX model (``ModelProto``) on onnxruntime CPU in batches of ``batch``;
     returns the ``logits`` (N, K, H, W) as float32."""
-    from fcn_deploy.ortimport import import_onnxruntime
+    from fcn_deploy.runners.ortimport import import_onnxruntime
 
     ort = import_onnxruntime()
     options = ort.SessionOptions()

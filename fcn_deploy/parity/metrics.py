@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fcn_deploy.errors import UsageError
-from fcn_deploy.voc import IGNORE_INDEX
+from fcn_deploy.defaults import IGNORE_INDEX
 
 # -- p99 histogram ---------------------------------------------------------------------------
 _BINS_PER_DECADE = 256

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fcn_deploy.errors import ImageReadError, UsageError
-from fcn_deploy.voc import IGNORE_INDEX
+from fcn_deploy.defaults import IGNORE_INDEX
 
 #: Tiles drawn by default (about 0.3 s each per backend on 2 CPU cores).
 DEFAULT_MAX_TILES = 32
@@ -101,7 +101,7 @@ def tile_source(images, voc_root, synthetic, stack: contextlib.ExitStack, echo: 
         raise UsageError(f"give one tile source, not {' and '.join(given)}")
     if images is not None:
         from fcn_deploy.images import load_rgb
-        from fcn_deploy.inputs import find_images
+        from fcn_deploy.infer.inputs import find_images
 
         if not Path(images).is_dir():
             raise UsageError(f"--images {images}: no such folder")

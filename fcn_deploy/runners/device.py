@@ -11,8 +11,25 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from fcn_deploy.errors import UsageError
+
 #: Values ``--device`` accepts (``cuda:N`` besides).
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def parse_device(device: str) -> str:
+    """Accept ``cpu``, ``cuda`` or ``cuda:N``; return ``cpu`` or ``cuda:N`` (``cuda`` is GPU 0).
+
+    ``auto`` is resolved per backend by :func:`fcn_deploy.runners.device.resolve_device`.
+    """
+    device = str(device).strip().lower()
+    if device == "cpu":
+        return device
+    if device == "cuda":
+        return "cuda:0"
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return f"cuda:{int(device[5:])}"
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
 def _stderr(line: str) -> None:
@@ -63,8 +80,6 @@ def resolve_device(backend: str, requested: str = "auto", *, echo: Callable[[str
     Raises:
         UsageError: ``requested`` is none of these.
     """
-    from fcn_deploy.runners.torch_runner import parse_device
-
     value = str(requested).strip().lower()
     if value != "auto":
         return parse_device(value)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fcn_deploy.errors import UsageError
-from fcn_deploy.ortimport import ORT_INSTALL_HINT
+from fcn_deploy.runners.ortimport import ORT_INSTALL_HINT
 
 
 def _installed(*modules: str) -> bool:

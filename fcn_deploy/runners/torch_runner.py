@@ -20,24 +20,9 @@ import numpy as np
 
 from fcn_deploy.errors import BackendUnavailableError, UsageError
 from fcn_deploy.runners.base import Output, Runner, TensorSpec
-from fcn_deploy.voc import TILE_HW
+from fcn_deploy.defaults import TILE_HW
 
 PRECISIONS = ("fp32", "fp16")
-
-
-def parse_device(device: str) -> str:
-    """Accept ``cpu``, ``cuda`` or ``cuda:N``; return ``cpu`` or ``cuda:N`` (``cuda`` is GPU 0).
-
-    ``auto`` is resolved per backend by :func:`fcn_deploy.runners.device.resolve_device`.
-    """
-    device = str(device).strip().lower()
-    if device == "cpu":
-        return device
-    if device == "cuda":
-        return "cuda:0"
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return f"cuda:{int(device[5:])}"
-    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
 def _disable_tf32(torch) -> Callable[[], None]:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fcn_deploy.tiling.grid import TileGrid, _axis_window
+from fcn_deploy.tiling.grid import TileGrid, axis_window
 
 #: Added to the flat index of a padding pixel (row or column beyond the image): far below 0,
 #: so the sum clamps to 0, the arena's unused slot.
@@ -83,8 +83,8 @@ class _GridMaps:
         self.win_rows = self.win_cols = None
         if arena.window != "uniform":
             last_r, last_c = grid.rows - 1, grid.cols - 1
-            wy = [_axis_window(th, arena.window, arena.floor, r == 0, r == last_r) for r in range(grid.rows)]
-            wx = [_axis_window(tw, arena.window, arena.floor, c == 0, c == last_c) for c in range(grid.cols)]
+            wy = [axis_window(th, arena.window, arena.floor, r == 0, r == last_r) for r in range(grid.rows)]
+            wx = [axis_window(tw, arena.window, arena.floor, c == 0, c == last_c) for c in range(grid.cols)]
             self.win_rows = torch.from_numpy(np.stack(wy)).to(dev)  # pragma: no mutate
             self.win_cols = torch.from_numpy(np.stack(wx)).to(dev)  # pragma: no mutate
 

@@ -1,5 +1,6 @@
-"""Tile grid, tile extraction, batching and a memory-bounded stitcher. Pure numpy: no backend
-(the torch counterpart is :mod:`fcn_deploy.tiling.assembler`).
+"""The tile grid: where tiles go, how they are padded and weighted, and the argmax. Pure numpy,
+no backend (the stitchers that use it: :mod:`fcn_deploy.tiling.assembler` on numpy,
+:mod:`fcn_deploy.tiling.torch_assembler` on torch tensors).
 
 An (H, W) image is covered by tiles of ``tile_hw`` = (th, tw) whose origins are spread evenly
 along each axis, the first at 0 and the last ending exactly at the border, with at least
@@ -8,29 +9,20 @@ multiples of ``align`` (32, the network's stride) so that the tiles see the same
 feature grid as a whole-image forward pass would. An axis shorter than the tile gets a single
 tile at origin 0, padded on the bottom/right; the padding is cropped away when stitching.
 
-Shapes and dtypes:
-
-* images handed to :func:`extract_tile`: (C, H, W), any dtype (float32 normalised in practice);
-* tiles: (C, th, tw), same dtype;
-* logits handed to :meth:`Stitcher.add`: (num_classes, th, tw) float32 or float16;
-* :meth:`Stitcher.labels`: (H, W) uint8 class ids;
-* the optional streamed logits (``logits_out``): (num_classes, H, W), float16 by convention.
-
-The stitcher never holds a (num_classes, H, W) float buffer: it accumulates one band of
-``min(th, H)`` rows and finalises (argmax, and optionally writes averaged logits) every row no
-later tile touches, so its memory is ``num_classes * th * W * 4`` bytes plus the (H, W) uint8
-label map, whatever H is.
+Shapes and dtypes: images handed to :func:`extract_tile` are (C, H, W), any dtype (float32
+normalised in practice); tiles (C, th, tw), same dtype; windows (th, tw) float32;
+:func:`argmax_classes` takes (C, H, W) scores and gives (H, W) uint8 class ids.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterator, Literal
+from typing import Iterator, Literal
 
 import numpy as np
 
-from fcn_deploy.voc import TILE_HW
+from fcn_deploy.defaults import TILE_HW
 
 # Defaults below were measured with ``benchmarks/tiling_overlap.py``: argmax agreement of tiled
 # vs whole-image PyTorch predictions, random-weight FCN (3 seeds), 640x960 and 960x1440 images.
@@ -55,7 +47,7 @@ DEFAULT_WINDOW = "hann"
 HANN_FLOOR = 0.01
 
 #: Rows per chunk when weighting a tile (a (C, 16, tw) float32 scratch stays in L2 cache).
-_CHUNK_ROWS = 16
+CHUNK_ROWS = 16
 
 Window = Literal["uniform", "hann"]
 PadMode = Literal["reflect", "constant"]
@@ -192,7 +184,7 @@ def extract_tile(
     return pad_tile(image[:, y0:y1, x0:x1], grid.tile_hw, pad_mode, out)
 
 
-def _axis_window(n: int, window: Window, floor: float, flat_start: bool, flat_end: bool) -> np.ndarray:
+def axis_window(n: int, window: Window, floor: float, flat_start: bool, flat_end: bool) -> np.ndarray:
     """(n,) float32 weights along one tile axis; a ``flat_*`` side keeps weight 1 from the
     centre to that end (the side lies on the image border, where no neighbour competes)."""
     if window == "uniform":
@@ -226,8 +218,8 @@ def tile_window(
     """
     th, tw = tile_hw
     top, bottom, left, right = borders
-    wy = _axis_window(th, window, floor, top, bottom)
-    wx = _axis_window(tw, window, floor, left, right)
+    wy = axis_window(th, window, floor, top, bottom)
+    wx = axis_window(tw, window, floor, left, right)
     return np.outer(wy, wx)
 
 
@@ -259,184 +251,3 @@ def ring_pieces(start: int, stop: int, band_h: int) -> Iterator[tuple[int, int, 
     yield first_row, 0, first
     if first < stop - start:
         yield 0, first, stop - start - first
-
-
-class Stitcher:
-    """Weighted average of overlapping tile logits, then argmax, in a bounded row band.
-
-    Tiles must arrive row by row: any order within a tile row, but every tile of a row before
-    the first tile of the next one (:func:`plan_tiles`' row-major index order satisfies this).
-    Whenever a new tile row starts at y, the rows above y are final: their class ids go to the
-    (H, W) uint8 label map and, when ``logits_out`` (an array-like (C, H, W), e.g. a float16
-    ``np.memmap``) is given, their averaged logits are written there.
-
-    Memory: ``band`` (C, min(th, H), W) float32 and ``weight`` (min(th, H), W) float32, used
-    as ring buffers (image row y in band row y % min(th, H)), plus the (H, W) uint8 labels;
-    never (C, H, W).
-    """
-
-    def __init__(
-        self,
-        grid: TileGrid,
-        num_classes: int,
-        window: Window = DEFAULT_WINDOW,
-        logits_out: Any = None,
-        floor: float = HANN_FLOOR,
-    ) -> None:
-        if not 1 <= num_classes <= 255:
-            raise ValueError(f"num_classes must be in [1, 255] for uint8 labels, got {num_classes}")
-        if logits_out is not None and tuple(logits_out.shape) != (num_classes, grid.height, grid.width):
-            raise ValueError(
-                f"logits_out has shape {tuple(logits_out.shape)}, expected "
-                f"{(num_classes, grid.height, grid.width)}"
-            )
-        self.grid = grid
-        self.num_classes = num_classes
-        self.logits_out = logits_out
-        if window not in WINDOWS:
-            raise ValueError(f"window must be one of {WINDOWS}, not {window!r}")
-        self.window = window
-        self.floor = floor
-        self._windows: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}
-        band_h = min(grid.tile_hw[0], grid.height)
-        self.band = np.zeros((num_classes, band_h, grid.width), dtype=np.float32)
-        self.weight = np.zeros((band_h, grid.width), dtype=np.float32)
-        self._labels = np.empty((grid.height, grid.width), dtype=np.uint8)
-        self._scratch = (
-            None if window == "uniform" else np.empty((num_classes, _CHUNK_ROWS, grid.tile_hw[1]), np.float32)
-        )
-        self._added = np.zeros(grid.count, dtype=bool)
-        self._row = 0  # tile row being accumulated
-        #: Image rows [0, rows_done) are final.
-        self.rows_done = 0
-
-    @property
-    def done(self) -> bool:
-        return self.rows_done == self.grid.height
-
-    @property
-    def buffer_bytes(self) -> int:
-        """Bytes held by the stitcher's arrays (band, weights, scratch, windows, labels)."""
-        scratch = 0 if self._scratch is None else self._scratch.nbytes
-        windows = sum(w.nbytes for w in self._windows.values())
-        return self.band.nbytes + self.weight.nbytes + scratch + windows + self._labels.nbytes
-
-    def add(self, index: int, logits: np.ndarray) -> None:
-        """Accumulate tile ``index``'s (C, th, tw) float32/float16 logits."""
-        grid = self.grid
-        expected = (self.num_classes, *grid.tile_hw)
-        if tuple(logits.shape) != expected:
-            raise ValueError(f"tile logits have shape {tuple(logits.shape)}, expected {expected}")
-        if not 0 <= index < grid.count:
-            raise IndexError(f"tile index {index} out of range [0, {grid.count})")
-        if self._added[index]:
-            raise ValueError(f"tile {index} was added twice")
-        row = index // grid.cols
-        if row < self._row:
-            raise ValueError(f"tile {index} belongs to tile row {row}, already finalised")
-        if row > self._row:
-            missing = np.flatnonzero(~self._added[: row * grid.cols])
-            if missing.size:
-                raise ValueError(f"tile {index} of row {row} arrived before tile {missing[0]}")
-            self._finalise(grid.ys[row])
-            self._row = row
-        y0, y1, x0, x1 = grid.box(index)
-        w = x1 - x0
-        win = None if self.window == "uniform" else self._tile_window(index)
-        for ring_row, offset, n in self._ring(y0, y1):
-            for r in range(0, n, _CHUNK_ROWS):  # row chunks keep the scratch in cache
-                m = min(_CHUNK_ROWS, n - r)
-                src = logits[:, offset + r: offset + r + m, :w]
-                dst = self.band[:, ring_row + r: ring_row + r + m, x0:x1]
-                weight = self.weight[ring_row + r: ring_row + r + m, x0:x1]
-                if win is None:
-                    dst += src
-                    weight += 1.0
-                else:
-                    tmp = self._scratch[:, :m, :w]
-                    np.multiply(src, win[offset + r: offset + r + m, :w], out=tmp)
-                    dst += tmp
-                    weight += win[offset + r: offset + r + m, :w]
-        self._added[index] = True
-        if self._added.all():
-            self._finalise(grid.height)
-
-    def _tile_window(self, index: int) -> np.ndarray:
-        """(th, tw) weights of tile ``index``, flat towards the image borders it lies on."""
-        grid = self.grid
-        row, col = divmod(index, grid.cols)
-        borders = (row == 0, row == grid.rows - 1, col == 0, col == grid.cols - 1)
-        if borders not in self._windows:
-            self._windows[borders] = tile_window(grid.tile_hw, self.window, self.floor, borders)
-        return self._windows[borders]
-
-    def labels(self) -> np.ndarray:
-        """(H, W) uint8 class ids; every tile must have been added."""
-        if not self.done:
-            missing = int((~self._added).sum())
-            raise ValueError(f"{missing} of {self.grid.count} tiles not added yet")
-        return self._labels
-
-    def _ring(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-        return ring_pieces(start, stop, self.band.shape[1])
-
-    def _finalise(self, stop: int) -> None:
-        """Make image rows [rows_done, stop) final and free their band rows."""
-        start = self.rows_done
-        for ring_row, offset, n in self._ring(start, stop) if stop > start else ():
-            acc = self.band[:, ring_row: ring_row + n]
-            rows = slice(start + offset, start + offset + n)
-            self._labels[rows] = argmax_classes(acc)
-            if self.logits_out is not None:
-                self.logits_out[:, rows] = acc / self.weight[ring_row: ring_row + n]
-            if stop < self.grid.height:  # the rows are reused for rows further down
-                acc[...] = 0
-                self.weight[ring_row: ring_row + n] = 0
-        self.rows_done = stop
-
-
-@dataclass
-class TileBatch:
-    """Up to ``batch_size`` tiles (N, C, th, tw) and one caller-chosen key per tile."""
-
-    tiles: np.ndarray
-    keys: list[Hashable]
-
-
-class TileBatcher:
-    """Packs tiles (from any number of images) into fresh (N, C, th, tw) batches.
-
-    Write a tile into :meth:`slot`, then :meth:`commit` it with a key; ``commit`` returns a full
-    :class:`TileBatch` every ``batch_size`` tiles, :meth:`flush` the last partial one.
-    """
-
-    def __init__(self, batch_size: int, tile_shape: tuple[int, int, int], dtype=np.float32) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
-        self.tile_shape = tuple(tile_shape)
-        self.dtype = np.dtype(dtype)
-        self._new()
-
-    def _new(self) -> None:
-        self._buf = np.empty((self.batch_size, *self.tile_shape), dtype=self.dtype)
-        self._keys: list[Hashable] = []
-
-    def slot(self) -> np.ndarray:
-        """The (C, th, tw) view the next tile is written into."""
-        return self._buf[len(self._keys)]
-
-    def commit(self, key: Hashable) -> TileBatch | None:
-        self._keys.append(key)
-        if len(self._keys) < self.batch_size:
-            return None
-        batch = TileBatch(self._buf, self._keys)
-        self._new()
-        return batch
-
-    def flush(self) -> TileBatch | None:
-        if not self._keys:
-            return None
-        batch = TileBatch(self._buf[: len(self._keys)], self._keys)
-        self._new()
-        return batch

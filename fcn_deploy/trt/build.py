@@ -6,7 +6,7 @@ an FP16 engine comes from the FP16 ONNX of :func:`fcn_deploy.export.convert_fp16
 FP16 inside; made or remade beside the FP32 export when absent or stale), an FP32 engine from
 the FP32 export, with TF32 switched off (it moved 0.1% of argmax pixels on an H200, see
 docs/architecture.md), and an INT8 engine from the calibrated QDQ ONNX of ``export --int8``
-(:mod:`fcn_deploy.quantize`; explicit quantization: the Q/DQ scales type every int8 tensor, no
+(:mod:`fcn_deploy.export.int8`; explicit quantization: the Q/DQ scales type every int8 tensor, no
 ``BuilderFlag.INT8``, which TensorRT 11 and TensorRT-RTX do not have). The INT8 ONNX cannot be
 made here (calibration needs real images): it must exist beside the FP32 export and be fresh.
 The engine is written with its sidecar (:mod:`fcn_deploy.trt.sidecar`).

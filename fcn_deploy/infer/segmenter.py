@@ -1,7 +1,7 @@
 """Tiled segmentation of one image at a time with any runner: :class:`Segmenter` plans the tile
 grid, and its :class:`~fcn_deploy.tiling.assembler.Assembler` (numpy on the CPU, torch tensors
 on a CUDA runner's device) cuts the tiles into batches and stitches the runner's logits.
-:mod:`fcn_deploy.infer` (the ``infer`` pipeline) and :mod:`fcn_deploy.evaluate` build on it.
+:mod:`fcn_deploy.infer.pipeline` (the ``infer`` pipeline) and :mod:`fcn_deploy.evaluate` build on it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from fcn_deploy.errors import InputMismatchError, UsageError
 from fcn_deploy.images import load_rgb
-from fcn_deploy.limits import check_batch_size
+from fcn_deploy.infer.limits import check_batch_size
 from fcn_deploy.runners.base import Output, Runner
 from fcn_deploy.tiling import (
     ASSEMBLER_KINDS,
@@ -32,7 +32,7 @@ from fcn_deploy.tiling import (
     make_assembler,
     plan_tiles,
 )
-from fcn_deploy.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_COLORMAP
+from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, VOC_COLORMAP
 
 #: Batches a CUDA runner may have queued on the device before :meth:`Segmenter.run_batch` waits
 #: for the oldest: the host never runs further ahead, so the batches and results that the

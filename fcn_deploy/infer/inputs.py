@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fcn_deploy.errors import FcnDeployError
-from fcn_deploy.outputs import MASK_SUFFIX, output_path
+from fcn_deploy.infer.outputs import MASK_SUFFIX, output_path
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import numpy as np
 from fcn_deploy.artifacts import embed_meta, load_onnx, meta_from_model, onnx_io, parent_ref, sidecar_path
 from fcn_deploy.chain import int8_cpu_onnx_path, int8_onnx_path
 from fcn_deploy.errors import ArtifactNotFoundError, DatasetError, ExportError, UsageError, first_line
-from fcn_deploy.export.torch_export import _write_artifact, check_outputs
+from fcn_deploy.export.writing import check_outputs, write_artifact
 
 __all__ = [
     "CALIB_METHODS", "DEFAULT_CALIB_TILES", "MIN_CALIB_TILES", "Int8Report", "TileCalibrationReader",
@@ -148,7 +148,7 @@ def calibration_tiles(
         files = {s.name: str(s.image_path) for _, s in samples}
     else:
         from fcn_deploy.images import load_rgb
-        from fcn_deploy.inputs import find_images
+        from fcn_deploy.infer.inputs import find_images
 
         missing = [str(p) for p in calib if not Path(p).exists()]
         if missing:
@@ -381,7 +381,7 @@ def export_int8(
     if verify:
         meta["verification"] = verify_int8(q, fp32, reader, min(8, len(tileset)))
     embed_meta(q, meta)
-    _write_artifact(q, meta, output, sidecar)
+    write_artifact(q, meta, output, sidecar)
     return Int8Report(output, sidecar, meta)
 
 

@@ -1,5 +1,5 @@
 """The pipeline behind ``fcn-deploy infer``: :func:`run_inference` segments many images of any
-size with one :class:`~fcn_deploy.segmenter.Segmenter` (inputs found by :mod:`fcn_deploy.inputs`).
+size with one :class:`~fcn_deploy.infer.segmenter.Segmenter` (inputs found by :mod:`fcn_deploy.infer.inputs`).
 
 The pipeline keeps the runner busy: images are decoded in a thread pool sized to the cores, a
 producer thread has the segmenter's assembler cut and normalise tiles into batches (tiles of
@@ -7,7 +7,7 @@ several images share a batch; on a CUDA runner the image is uploaded once as uin
 are cut on the device), the calling thread only runs the runner, one stitcher thread hands the
 results to the assembler (window-weighted averaging and argmax, on the runner's device; see
 :mod:`fcn_deploy.tiling.assembler`) and the thread pool encodes and writes the outputs
-(:mod:`fcn_deploy.outputs`). Queues between the stages are bounded, so memory stays bounded
+(:mod:`fcn_deploy.infer.outputs`). Queues between the stages are bounded, so memory stays bounded
 however many and however large the images are. Each stage's seconds are summed
 (:class:`~fcn_deploy.tiling.StageClock`) into :attr:`InferSummary.stages`.
 """
@@ -36,7 +36,7 @@ from fcn_deploy.errors import (
     UsageError,
 )
 from fcn_deploy.fileio import remove_stale_temps
-from fcn_deploy.devicedecode import (
+from fcn_deploy.infer.gpu_decode import (
     DECODE_THREADS,
     Encoded,
     as_host,
@@ -46,8 +46,8 @@ from fcn_deploy.devicedecode import (
     read_encoded,
 )
 from fcn_deploy.images import load_rgb
-from fcn_deploy.inputs import InputImage, check_output_dir, collect_inputs, refuse_overwriting_inputs
-from fcn_deploy.outputs import (
+from fcn_deploy.infer.inputs import InputImage, check_output_dir, collect_inputs, refuse_overwriting_inputs
+from fcn_deploy.infer.outputs import (
     LOGITS_SUFFIX,
     MASK_SUFFIX,
     OVERLAY_SUFFIX,
@@ -58,7 +58,7 @@ from fcn_deploy.outputs import (
     write_overlay,
 )
 from fcn_deploy.runners.base import Output, Runner
-from fcn_deploy.segmenter import Segmenter
+from fcn_deploy.infer.segmenter import Segmenter
 from fcn_deploy.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_WINDOW,
@@ -121,7 +121,7 @@ class ImageRecord:
 _DONE = object()
 
 #: ``--decode gpu``: images of the first device decode at most; each next decode may take twice
-#: as many, up to :data:`~fcn_deploy.devicedecode.MAX_BATCH_IMAGES`. The first tiles then reach
+#: as many, up to :data:`~fcn_deploy.infer.gpu_decode.MAX_BATCH_IMAGES`. The first tiles then reach
 #: the engine once a few files are read, not after three full decode batches (96 files).
 FIRST_DECODE_IMAGES = 4
 
@@ -191,7 +191,7 @@ def run_inference(
     folder stop it with a :class:`~fcn_deploy.errors.FcnDeployError`. ``workers`` (decode and
     encode threads) defaults to the cores this process may use; ``assembler`` picks the tile
     assembler (:func:`~fcn_deploy.tiling.make_assembler`: numpy on the CPU, torch on CUDA);
-    ``decode="gpu"`` decodes JPEGs on the runner's CUDA device (:mod:`fcn_deploy.devicedecode`).
+    ``decode="gpu"`` decodes JPEGs on the runner's CUDA device (:mod:`fcn_deploy.infer.gpu_decode`).
     """
     start = time.perf_counter()
     if workers is not None and workers < 1:
@@ -218,7 +218,7 @@ def plan_inputs(
 ) -> tuple[list[InputImage], Path, InferSummary, list[InputImage]]:
     """The images :func:`run_inference` segments, before any model loads.
 
-    Inputs are listed by :func:`~fcn_deploy.inputs.collect_inputs`, those whose outputs would
+    Inputs are listed by :func:`~fcn_deploy.infer.inputs.collect_inputs`, those whose outputs would
     replace an input are refused, and with ``skip_existing`` the images whose mask exists are
     left out (stale temporaries of a killed run are removed first). Returns (images to do, the
     output folder (not created yet), a summary holding the failures and the skipped count,
@@ -260,7 +260,7 @@ def segment_items(
     the order the images finished. Unreadable images and unwritable outputs are records with
     status ``failed``; a runner error or a full disk raises. ``decode``: ``"cpu"`` (PIL, in the
     thread pool) or ``"gpu"`` (JPEGs decoded on the runner's CUDA device in batches,
-    :mod:`fcn_deploy.devicedecode`). ``started``: the ``time.perf_counter()`` the run began
+    :mod:`fcn_deploy.infer.gpu_decode`). ``started``: the ``time.perf_counter()`` the run began
     (``summary.first_batch_s`` counts from it; default: now).
     """
     started = time.perf_counter() if started is None else started
