@@ -177,7 +177,7 @@ def test_masks_are_the_bytes_infer_writes(server, photos, onnx_path, tmp_path):
 
 def test_json_overlay_logits_and_model(server, photos, onnx_path):
     from fcn_deploy.runners.onnxrt import OnnxRuntimeRunner
-    from fcn_deploy.segmenter import Segmenter
+    from fcn_deploy.infer.segmenter import Segmenter
     from fcn_deploy.voc import VOC_CLASSES
 
     data = photos["p2.jpg"]

@@ -327,8 +327,8 @@ def class_counts(labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
 
 
 def encode_png(labels: np.ndarray, pal: list[int]) -> bytes:
-    """The palette PNG of ``labels``: the bytes ``infer`` writes (:func:`~fcn_deploy.outputs.write_palette_png`)."""
-    from fcn_deploy.outputs import write_palette_png
+    """The palette PNG of ``labels``: the bytes ``infer`` writes (:func:`~fcn_deploy.infer.outputs.write_palette_png`)."""
+    from fcn_deploy.infer.outputs import write_palette_png
 
     buf = io.BytesIO()
     write_palette_png(buf, labels, pal)
@@ -339,7 +339,7 @@ def encode_overlay(rgb: np.ndarray, labels: np.ndarray, colormap) -> bytes:
     """The overlay JPEG (quality 90), as ``infer --overlay`` writes it."""
     from PIL import Image
 
-    from fcn_deploy.outputs import overlay_image
+    from fcn_deploy.infer.outputs import overlay_image
 
     buf = io.BytesIO()
     Image.fromarray(overlay_image(rgb, labels, colormap)).save(buf, format="JPEG", quality=90)

@@ -1,5 +1,5 @@
 """What one model replica of ``fcn-deploy serve`` does, without Ray: :class:`SegmentCore` holds
-one activated runner and one :class:`~fcn_deploy.segmenter.Segmenter`, runs engine batches of
+one activated runner and one :class:`~fcn_deploy.infer.segmenter.Segmenter`, runs engine batches of
 tiles from any requests (:meth:`SegmentCore.run_batch`, called by Ray Serve's ``@serve.batch``
 in :mod:`fcn_deploy.serve.app`), and segments one request (:meth:`SegmentCore.segment`): decode,
 plan the tile grid, cut and normalise tiles, hand each to the batcher, stitch the results, encode.
@@ -123,8 +123,8 @@ class SegmentCore:
 
     def __init__(self, settings: ServeSettings, runner: Any = None) -> None:
         from fcn_deploy.images import set_max_pixels
-        from fcn_deploy.outputs import palette
-        from fcn_deploy.segmenter import Segmenter, runner_device
+        from fcn_deploy.infer.outputs import palette
+        from fcn_deploy.infer.segmenter import Segmenter, runner_device
         from fcn_deploy.tiling import make_assembler
 
         self.settings = settings
