@@ -62,7 +62,7 @@ MEDIA_TYPES = (
 #: Defaults of the limits (``fcn-deploy serve --help`` names the options).
 DEFAULT_MAX_BODY_BYTES = 32 << 20
 #: 2**25 = 33.5 megapixels (e.g. 8192x4096): a quarter of ``infer``'s default; an image of the
-#: limit is ~200 tiles of 320x480, ~20 s of CPU engine time on the project's 2-core machine.
+#: limit is ~500 tiles of 320x480 (overlap 128), ~50 s of engine time on the project's 2-core CPU.
 DEFAULT_MAX_PIXELS = 1 << 25
 #: The float16 logits answer: 21 classes of a 1.6-megapixel image.
 DEFAULT_MAX_LOGITS_BYTES = 64 << 20

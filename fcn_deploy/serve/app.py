@@ -29,7 +29,6 @@ imports it except :mod:`fcn_deploy.serve.command`, inside functions.
 
 import asyncio
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -116,16 +115,11 @@ class SegmentModel:
         return {"status": 200, "body": reply.body, "headers": headers, "media_type": reply.media_type,
                 "tiles": reply.tiles}
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         return {**self.core.info(), "replica": self.replica}
 
-    def ping(self) -> bool:
+    async def ping(self) -> bool:
         return self.core.seg.runner.is_active
-
-    def describe(self) -> dict[str, Any]:
-        """Where this replica runs (tests and benchmarks find its process here)."""
-        return {"replica": self.replica, "pid": os.getpid(), "host": socket.gethostname(),
-                "warmup_s": self.core.warmup_s}
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose runner is no longer active is replaced."""
@@ -192,16 +186,16 @@ class SegmentIngress:
         self._info: dict[str, Any] | None = None
 
     # -- handle methods (the driver and the model replicas call these) ---------------------------
-    def report(self, replica: str, snapshot: dict[str, Any]) -> None:
+    async def report(self, replica: str, snapshot: dict[str, Any]) -> None:
         self.metrics.replica_report(replica, snapshot)
 
-    def drain(self) -> int:
+    async def drain(self) -> int:
         """Stop taking segment requests (503 from now on); returns those still in flight."""
         self.draining = True
         self.metrics.ready.set(0)
         return self.in_flight
 
-    def requests_in_flight(self) -> int:
+    async def requests_in_flight(self) -> int:
         return self.in_flight
 
     # -- routes -----------------------------------------------------------------------------------------

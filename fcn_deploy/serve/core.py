@@ -150,6 +150,11 @@ class SegmentCore:
         self.stats = ReplicaStats()
         self._batches = itertools.count()
         self.pool = ThreadPoolExecutor(_cores(), "fcn-serve-io")  # decode, cut, stitch, encode
+        from fcn_deploy.fileio import sha256_file
+
+        path = getattr(runner, "path", None) or settings.model
+        self.artifact = str(path) if path else None
+        self.sha256 = sha256_file(path) if path and os.path.isfile(path) else None
         self.warmup_s = self._warm_up()
 
     # -- the engine -----------------------------------------------------------------------------
@@ -182,19 +187,13 @@ class SegmentCore:
     # -- one request --------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """The ``GET /v1/model`` answer."""
-        from fcn_deploy.fileio import sha256_file
-
-        runner = self.seg.runner
-        path = getattr(runner, "path", None) or self.settings.model
-        meta = runner.meta
-        if not hasattr(self, "_sha256"):
-            self._sha256 = sha256_file(path) if path and os.path.isfile(path) else None
+        meta = self.seg.runner.meta
         th, tw = self.seg.tile_hw
         return {
             "api": api.API_VERSION,
             "backend": self.settings.backend,
-            "artifact": os.path.basename(str(path)) if path else None,
-            "sha256": self._sha256,
+            "artifact": os.path.basename(self.artifact) if self.artifact else None,
+            "sha256": self.sha256,
             "precision": meta.get("precision") or self.settings.precision,
             "device": self.device,
             "tile": {"height": th, "width": tw},
