@@ -239,6 +239,8 @@ def _hostile(photos) -> list[tuple[str, tuple, int]]:
         ("bad Content-Length", ("POST", seg, jpg, {"Content-Type": "image/jpeg", "Content-Length": "abc"}), 400),
         ("decompression bomb header", ("POST", seg, _bomb(30000, 30000), {"Content-Type": "image/png"}), 413),
         ("past --max-pixels (17 MP), checked from the header", ("POST", seg, _bomb(4200, 4000), {"Content-Type": "image/png"}), 413),
+        ("a 1x2,000,000 strip: within --max-pixels, past the work limit (tiles)", ("POST", seg, _encoded(
+            Image.new("RGB", (2_000_000, 1)), "PNG"), {"Content-Type": "image/png"}), 413),
         ("body past --max-body-bytes", ("POST", seg, b"\0" * (5 << 20), {"Content-Type": "image/png"}), 413),
         ("logits past --max-logits-bytes", ("POST", seg + "?output=logits", _encoded(
             Image.fromarray(np.zeros((600, 600, 3), np.uint8)), "PNG"), {"Content-Type": "image/png"}), 413),

@@ -26,6 +26,15 @@ from fcn_deploy.serve import api
 from fcn_deploy.serve.api import ServeSettings
 
 
+@pytest.fixture(autouse=True)
+def _default_pixel_limit():
+    """A replica sets this process's pixel limit (and PIL's) from its settings: put it back."""
+    from fcn_deploy import images
+
+    yield
+    images.set_max_pixels(None)
+
+
 def _png(rgb: np.ndarray, mode: str | None = None) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb, mode).save(buf, "PNG")

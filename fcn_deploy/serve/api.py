@@ -287,18 +287,30 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     sees the pixels ``infer`` sees. The pixel limit is checked from the header first."""
     from PIL import ImageOps
 
-    from fcn_deploy.images import _to_rgb
+    from fcn_deploy.images import to_rgb
 
     probe_image(data, max_pixels)
     try:
         with _open(data) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
-            return np.asarray(_to_rgb(img), dtype=np.uint8).copy()
+            return np.asarray(to_rgb(img), dtype=np.uint8).copy()
     except RequestError:
         raise
     except Exception as exc:
         raise _image_error(exc, max_pixels) from None
+
+
+def check_tiles(width: int, height: int, tiles: int, tile_hw: tuple[int, int], max_pixels: int) -> None:
+    """413 for an image that costs more tiles than ``infer``'s work limit at the server's pixel
+    limit (:func:`fcn_deploy.infer.limits.default_max_tiles`): a 1 x 50,000,000 strip passes
+    the pixel limit but costs tens of thousands of tiles."""
+    from fcn_deploy.infer.limits import default_max_tiles
+
+    limit = default_max_tiles(tile_hw, max_pixels)
+    if tiles > limit:
+        raise PayloadTooLargeError(f"too much work: a {width}x{height} image needs {tiles} tiles of "
+                                   f"{tile_hw[0]}x{tile_hw[1]}, the limit is {limit} (16 x --max-pixels of tile area)")
 
 
 def logits_bytes(num_classes: int, width: int, height: int) -> int:

@@ -88,7 +88,7 @@ def connect(address: str | None) -> tuple[Any, bool]:
     """Start a private local Ray cluster (``address`` None) or join one as ``infer --ray`` does
     (``""``: RAY_ADDRESS, a running local cluster or a new one; ``local``, ``auto``,
     ``host:port``, ``ray://host:port``). Returns (ray, whether this process started the cluster)."""
-    from fcn_deploy.distributed import check_address
+    from fcn_deploy.distributed import check_address, probe_cluster
 
     ray, _ = import_serve()
     if address is None:
@@ -97,6 +97,8 @@ def connect(address: str | None) -> tuple[Any, bool]:
         target = check_address(address)
     if ray.is_initialized():
         return ray, False
+    if target not in (None, "local", "auto"):
+        probe_cluster(target)  # one line within seconds where no Ray answers, not a hang
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     try:
         ray.init(address=target, **kwargs)

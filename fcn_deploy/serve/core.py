@@ -231,6 +231,7 @@ class SegmentCore:
             api.check_logits(self.seg.num_classes, width, height, settings.max_logits_bytes)
         stages["decode"] = time.perf_counter() - start
         grid = self.seg.plan(height, width)
+        api.check_tiles(width, height, grid.count, self.seg.tile_hw, settings.max_pixels)
         holder: dict[str, np.ndarray] = {}
 
         def alloc(num_classes: int) -> np.ndarray:
