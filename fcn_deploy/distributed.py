@@ -74,12 +74,15 @@ def probe_cluster(address: str, timeout: float = CONNECT_TIMEOUT_S, label: str |
     within ``timeout`` seconds: one gRPC call (GCS ``GetClusterId``, Ray Client ``ClusterInfo``
     PING) through grpcio and Ray's own generated stubs; a refusal for want of credentials counts
     as an answer (it is Ray). ``label`` names the address in the message (default: itself)."""
-    import grpc
-
     client = address.startswith("ray://")
     target = address[len("ray://"):] if client else address
     label = label or f"--ray {address}"
     what = "Ray Client server" if client else "Ray cluster (GCS)"
+    try:
+        import grpc
+    except ImportError:  # Ray without its client extra: only whether something listens there
+        _probe_tcp(target, timeout, label)
+        return
     channel = grpc.insecure_channel(target)
     try:
         if client:
@@ -109,6 +112,19 @@ def probe_cluster(address: str, timeout: float = CONNECT_TIMEOUT_S, label: str |
         raise FcnDeployError(f"{label}: cannot join the Ray cluster at {target}: {reason}") from None
     finally:
         channel.close()
+
+
+def _probe_tcp(target: str, timeout: float, label: str) -> None:
+    """The probe without grpcio: a TCP connection to ``host:port`` within ``timeout`` seconds."""
+    import socket
+
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else \
+            f"nothing listens there ({getattr(exc, 'strerror', None) or exc})"
+        raise FcnDeployError(f"{label}: cannot join the Ray cluster at {target}: {reason}") from None
 
 
 def _bootstrap(ray, address: str | None) -> tuple[str | None, str | None]:

@@ -266,6 +266,15 @@ def test_an_address_where_no_ray_answers_fails_in_one_line_within_seconds(listen
         probe_cluster(f"ray://127.0.0.1:{port}", timeout=2)
 
 
+def test_without_grpcio_an_address_where_nothing_listens_fails_in_one_line(monkeypatch):
+    from fcn_deploy.distributed import probe_cluster
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # import grpc raises ImportError
+    port = _free_port()
+    with pytest.raises(FcnDeployError, match=f"127.0.0.1:{port}: nothing listens there"):
+        probe_cluster(f"127.0.0.1:{port}", timeout=2)
+
+
 def test_cli_infer_on_an_unreachable_ray_address_exits_in_one_line(checkpoint_path, tmp_path):
     """Before: ``--ray=127.0.0.1:1`` hung for more than 10 minutes printing GCS warnings."""
     photo = _save(tmp_path / "x.jpg")
