@@ -262,6 +262,44 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
     click.echo(summary.format())
     sys.exit(1 if summary.failed else 0)
 
+# --- serving (fcn_deploy.serve) ---------------------------------------------------------------
+# [cli:serve]
+@cli.command("serve")
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when a GPU and the backend's GPU runtime are present, else CPU; printed), cpu, cuda or cuda:N.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Model replicas, each one runner.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Join a Ray cluster as infer --ray does: no ADDRESS (RAY_ADDRESS, a running local cluster or a new one), "
+                   "local, auto or ray://host:port. Default: a private local cluster.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per engine batch, across requests.")
+@click.option("--batch-wait", type=click.FloatRange(min=0), default=0.01, show_default=True, help="Seconds a batch that is not full waits for more tiles.")
+@click.option("--overlap", type=click.IntRange(min=0), default=128, show_default=True, help="Minimum overlap of neighbouring tiles in pixels (as infer).")
+@click.option("--window", type=click.Choice(["hann", "uniform"]), default="hann", show_default=True, help="Weighting of overlapping logits (as infer).")
+@click.option("--max-ongoing", type=click.IntRange(min=1), default=16, show_default=True, help="Requests one replica works on at once.")
+@click.option("--max-queued", type=click.IntRange(min=0), default=64, show_default=True, help="Requests waiting for a replica beyond those; more get 503.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds a request may take; past it: 504.")
+@click.option("--retry-after", type=click.IntRange(min=0), default=1, show_default=True, help="Retry-After seconds of a 503.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=32 << 20, show_default=True, help="Largest request body; larger: 413.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=1 << 25, show_default=True, help="Largest image, from its header, before decoding; larger: 413.")
+@click.option("--max-logits-bytes", type=click.IntRange(min=1), default=64 << 20, show_default=True, help="Largest output=logits answer; larger: 413.")
+@click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True, help="CPUs Ray reserves per model replica.")
+@click.option("--replica-gpus", type=click.FloatRange(min=0), help="GPUs per model replica, fractions allowed (default: 1 on CUDA, else 0).")
+def serve_cmd(backend, model, device, replicas, host, port, ray_address, batch_size, batch_wait, overlap, window, max_ongoing,
+              max_queued, timeout, retry_after, max_body_bytes, max_pixels, max_logits_bytes, replica_cpus, replica_gpus) -> None:
+    """Serve the model over HTTP on Ray Serve: POST an image to /v1/segment, get its mask (docs/serving.md)."""
+    from fcn_deploy.serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        backend=backend, model=model, device=device, replicas=replicas, host=host, port=port, batch_size=batch_size,
+        batch_wait_s=batch_wait, overlap=overlap, window=window, max_ongoing=max_ongoing, max_queued=max_queued,
+        timeout_s=timeout, retry_after_s=retry_after, max_body_bytes=max_body_bytes, max_pixels=max_pixels,
+        max_logits_bytes=max_logits_bytes, replica_cpus=replica_cpus, replica_gpus=replica_gpus)
+    serve(settings, ray_address=ray_address, echo=lambda line: click.echo(line, err=True))
+
+
 # --- parity, evaluation, benchmarks (fcn_deploy.parity, fcn_deploy.evaluate, fcn_deploy.bench)
 # [cli:check]
 @cli.command("check")
