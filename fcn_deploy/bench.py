@@ -26,6 +26,7 @@ import numpy as np
 from fcn_deploy import __version__
 from fcn_deploy.errors import UsageError
 from fcn_deploy.fileio import check_writable, write_json_atomic
+from fcn_deploy.outpaths import check_distinct_paths
 
 #: Installed distributions whose versions a report records (plus any ``tensorrt*``).
 _VERSIONED = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy")
@@ -318,6 +319,7 @@ def bench(
         raise UsageError(f"--images {images} is not a folder")
     if decode != "cpu" and images is None:
         raise UsageError("--decode applies to the pipeline run of --images")
+    check_distinct_paths({"--report": report}, {"--model": model, "--images": images})
     if report is not None:
         report = check_writable(report, force)
     runner = create_runner(

@@ -32,6 +32,7 @@ from fcn_deploy.distributed import (
 )
 from fcn_deploy.errors import UsageError
 from fcn_deploy.fileio import check_output_file, write_json_atomic
+from fcn_deploy.outpaths import check_distinct_paths
 
 #: Columns of the prediction grid PNG.
 GRID_COLUMNS = 4
@@ -185,6 +186,7 @@ def evaluate(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if max_images is not None and max_images < 1:
         raise UsageError(f"--max-images must be at least 1, got {max_images}")
+    check_distinct_paths({"--report": report, "--grid": grid}, {"--model": model})
     report = None if report is None else check_output_file(report, force, "--report")
     grid = None if grid is None else check_output_file(grid, force, "--grid")
     samples = list_split(voc_root, split)[:max_images]

@@ -31,6 +31,7 @@ from typing import Any
 
 from fcn_deploy.errors import ArtifactNotFoundError, BackendUnavailableError, UsageError
 from fcn_deploy.fileio import check_output_file, write_json_atomic
+from fcn_deploy.outpaths import check_distinct_paths
 from fcn_deploy.metrics import ConfusionMatrix
 from fcn_deploy.defaults import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES
 from fcn_deploy.voc import VOCSegDataset
@@ -205,6 +206,7 @@ def train(voc_root: str | os.PathLike, output: str | os.PathLike, *, epochs: int
     if max_train_images is not None and max_train_images < 1:
         raise UsageError(f"--max-train-images must be at least 1, got {max_train_images}")
     output, hist_file = Path(output), history_path(output)
+    check_distinct_paths({"-o": output, "its history": hist_file}, {"--backbone-weights": backbone_weights})
     if resume:
         if backbone_weights is not None or pretrained:
             raise UsageError("--resume continues from the checkpoint's weights; drop "

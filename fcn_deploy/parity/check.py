@@ -19,6 +19,7 @@ from fcn_deploy.errors import (
     VerificationError,
 )
 from fcn_deploy.fileio import check_output_file, write_json_atomic
+from fcn_deploy.outpaths import check_distinct_paths
 from fcn_deploy.parity.metrics import ParityAccumulator
 from fcn_deploy.parity.report import BackendParity, ParityReport, write_maps
 from fcn_deploy.parity.thresholds import (
@@ -152,6 +153,7 @@ def check(
     model, export_dir, engines_dir = Path(model), Path(export_dir), Path(engines_dir)
     if not model.is_file():
         raise ArtifactNotFoundError(f"checkpoint {model} not found (the reference); pass --model")
+    check_distinct_paths({"--report": report, "--disagreement-dir": disagreement_dir}, {"--model": model})
     if report is not None:
         report = check_output_file(report, force, "--report")
     folder = Path(disagreement_dir) if disagreement_dir is not None else (
