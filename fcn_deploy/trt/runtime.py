@@ -44,6 +44,7 @@ from fcn_deploy.trt.sidecar import (
     engine_mismatch,
     gpu_info,
     read_sidecar,
+    sidecar_path,
     rebuild_hint,
 )
 
@@ -260,6 +261,9 @@ class TensorRTRunner(Runner):
             raise EngineError(f"engine {self.engine_path} not found; build one with fcn-deploy build-engine")
         sidecar = read_sidecar(self.engine_path)
         check_engine_file(self.engine_path, sidecar)
+        from fcn_deploy.artifacts import check_normalization
+
+        check_normalization(sidecar, str(sidecar_path(self.engine_path)), required=True)
         try:
             flavour = FLAVOURS.get(sidecar["trt"]["flavour"])
             if flavour is None:
