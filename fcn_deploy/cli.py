@@ -106,7 +106,12 @@ def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, devi
                     crop_hw=parse_hw(crop, "--crop"), device=device, resume=resume, backbone_weights=backbone_weights,
                     pretrained=pretrained, num_workers=num_workers, seed=seed, force=force, max_train_images=max_train_images)
     last = history[-1] if history else {}
-    scores = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_miou", "val_pixel_acc") if last.get(k) is not None)
+    scores = ", ".join(f"{name} {100 * last[k]:.2f}%" for k, name in (("val_miou", "val mIoU"), ("val_pixel_acc", "val pixel acc"))
+                       if last.get(k) is not None)
+    if not history.trained:
+        click.echo(f"{output} has {len(history)} epochs already ({scores}), --epochs {epochs}: nothing to do, "
+                   f"nothing written; pass a larger --epochs to train more")
+        return
     click.echo(f"{len(history)} epochs ({scores}); wrote {output} and {history_path(output)}")
 
 # --- export (fcn_deploy.export) -----------------------------------------------------------
