@@ -258,7 +258,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--threshold", "thresholds", multiple=True, metavar="PREC.METRIC=VALUE", help="Override a limit (repeatable), e.g. fp16.agreement=99 or fp32.max_abs=off. Percentages in % (99.9, not 0.999). Metrics: agreement, max_abs, mean_abs, p99_abs, cosine_min, miou_vs_reference, miou_gt_change.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--disagreement-dir", type=click.Path(file_okay=False), help="Disagreement map PNGs of the worst tiles (default: <report>-disagreement/ or check/).")
+@click.option("--disagreement-dir", type=click.Path(file_okay=False), help="Disagreement map PNGs of the worst tiles (default: <report>-disagreement/; without --report, check/ and only for a failing backend).")
 @click.option("--device", default="auto", show_default=True, help="Device of the backends: auto (CUDA when a GPU and the backend's GPU runtime are present, else CPU; printed), cpu, cuda or cuda:N. The float32 reference runs on the CPU.")
 @click.option("--strict", is_flag=True, help="A requested backend that cannot be checked (missing, stale) is an error.")
 @click.option("--force", is_flag=True, help="Overwrite --report.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -389,3 +390,21 @@ def test_check_report_path_checked_before_the_work(checkpoint_path, onnx_path, t
     blocker.write_text("x")
     with pytest.raises(FcnDeployError, match=r"--report .*afile/r.json: cannot create a folder there, .*afile is a file"):
         check(["ort"], model=checkpoint_path, export_dir=onnx_path.parent, report=blocker / "r.json")
+
+
+def test_default_map_folder_only_for_a_failure_and_its_place_is_printed(checkpoint_path, perturbed_export,
+                                                                        voc_root, tmp_path, monkeypatch):
+    """issue 24: check wrote disagreement maps to ./check/ when every backend passed, and never said so."""
+    monkeypatch.chdir(tmp_path)
+    messages: list[str] = []
+    loose = ["fp32.max_abs=off", "fp32.agreement=off", "fp32.miou_gt_change=off"]
+    result = _check(["ort"], checkpoint_path, perturbed_export, voc_root, tmp_path, max_tiles=1, thresholds=loose,
+                    echo=messages.append)
+    assert result.passed and not (tmp_path / "check").exists()
+    assert not any("disagreement maps" in m for m in messages) and not result.checked[0].maps
+    messages.clear()
+    with pytest.raises(VerificationError):
+        _check(["ort"], checkpoint_path, perturbed_export, voc_root, tmp_path, max_tiles=1, echo=messages.append)
+    written = sorted(p.name for p in (tmp_path / "check").iterdir())
+    assert written and all(n.startswith("ort_worst") for n in written)
+    assert f"written to check{os.sep}" in messages[-1] and "ort: 1" in messages[-1]
