@@ -408,3 +408,24 @@ def test_default_map_folder_only_for_a_failure_and_its_place_is_printed(checkpoi
     written = sorted(p.name for p in (tmp_path / "check").iterdir())
     assert written and all(n.startswith("ort_worst") for n in written)
     assert f"written to check{os.sep}" in messages[-1] and "ort: 1" in messages[-1]
+
+
+def test_check_with_a_state_dict_as_model_says_what_it_is(onnx_path, checkpoint_path, tmp_path):
+    """issue 24: check --model resnet18_statedict.pt called export/fcn.onnx stale "made from" that file
+    and suggested an export --force that then failed."""
+    import torch
+
+    from fcn_deploy.errors import CheckpointError
+
+    resnet = tmp_path / "resnet18_statedict.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "layer4.1.conv2.weight": torch.zeros(1), "fc.weight": torch.zeros(1)},
+               resnet)
+    with pytest.raises(CheckpointError, match=r"resnet18_statedict.pt is a ResNet-18 classifier state dict .*"
+                                              r"train --backbone-weights .*resnet18_statedict.pt"):
+        _check(["ort"], resnet, onnx_path.parent, None, tmp_path, synthetic=2, max_tiles=1)
+    other = tmp_path / "fcn_statedict.pt"  # an FCN state dict, not the parent of the export
+    state = torch.load(checkpoint_path, weights_only=True)["state_dict"]
+    torch.save({k: v + 1 if k == "final_conv.bias" else v for k, v in state.items()}, other)
+    with pytest.raises(Exception, match=rf"fcn.onnx is stale for {other}: it was made from {checkpoint_path} .*"
+                                        rf"check: --model {checkpoint_path}\)"):
+        _check(["ort"], other, onnx_path.parent, None, tmp_path, synthetic=2, max_tiles=1)

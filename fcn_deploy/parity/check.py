@@ -155,6 +155,9 @@ def check(
     model, export_dir, engines_dir = Path(model), Path(export_dir), Path(engines_dir)
     if not model.is_file():
         raise ArtifactNotFoundError(f"checkpoint {model} not found (the reference); pass --model")
+    from fcn_deploy.model import read_checkpoint
+
+    read_checkpoint(model)  # the reference must be an FCN checkpoint: say so before matching artifacts to it
     check_distinct_paths({"--report": report, "--disagreement-dir": disagreement_dir}, {"--model": model})
     if report is not None:
         report = check_output_file(report, force, "--report")
