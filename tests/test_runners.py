@@ -366,6 +366,18 @@ def test_resolve_device_on_this_machine(capsys):
     assert capsys.readouterr().err.count("device:") == (1 if expected == "cpu" else 0)
 
 
+def test_resolve_device_trt_without_gpu_announces_nothing(monkeypatch):
+    """issue 24: ``--backend trt`` without a GPU printed "device: cuda:0" before its no-GPU error."""
+    from fcn_deploy.runners import device
+
+    monkeypatch.setattr(device, "cuda_gpu", lambda: (False, "no CUDA GPU"))
+    lines: list[str] = []
+    assert device.resolve_device("trt", "auto", echo=lines.append) == "cuda:0" and lines == []
+    monkeypatch.setattr(device, "cuda_gpu", lambda: (True, "NVIDIA H200"))
+    assert device.resolve_device("trt", "auto", echo=lines.append) == "cuda:0"
+    assert lines == ["device: cuda:0 (NVIDIA H200)"]
+
+
 def test_resolve_device_explicit_values_are_normalised(capsys):
     from fcn_deploy.runners.device import resolve_device
 

@@ -74,7 +74,8 @@ def resolve_device(backend: str, requested: str = "auto", *, echo: Callable[[str
     ``auto``: ``cuda:0`` when a CUDA GPU is visible and the backend's GPU runtime is present
     (torch: a CUDA build of torch; ``ort*``: onnxruntime-gpu's CUDAExecutionProvider;
     ``trt*``: always, TensorRT needs a GPU), else ``cpu``; the choice goes to ``echo`` (stderr
-    by default; ``None`` for silence) as one line. Anything else: ``cpu``, ``cuda`` (GPU 0) or
+    by default; ``None`` for silence) as one line, except for ``trt*`` on a machine without a GPU,
+    where the runner's one-line error says so (no "device: cuda:0" before it). Anything else: ``cpu``, ``cuda`` (GPU 0) or
     ``cuda:N``, returned normalised, no check (activation checks).
 
     Raises:
@@ -86,7 +87,9 @@ def resolve_device(backend: str, requested: str = "auto", *, echo: Callable[[str
     runtime = _runtime(backend)
     gpu, name = cuda_gpu()
     if runtime == "trt":
-        device, why = "cuda:0", name if gpu else "TensorRT runs on a GPU only"
+        if not gpu:  # nothing to announce: activating the runner says, in one line, that there is no GPU
+            return "cuda:0"
+        device, why = "cuda:0", name
     elif not gpu:
         device, why = "cpu", name
     elif runtime == "ort":

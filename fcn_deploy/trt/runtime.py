@@ -261,9 +261,6 @@ class TensorRTRunner(Runner):
             raise EngineError(f"engine {self.engine_path} not found; build one with fcn-deploy build-engine")
         sidecar = read_sidecar(self.engine_path)
         check_engine_file(self.engine_path, sidecar)
-        from fcn_deploy.artifacts import check_normalization
-
-        check_normalization(sidecar, str(sidecar_path(self.engine_path)), required=True)
         try:
             flavour = FLAVOURS.get(sidecar["trt"]["flavour"])
             if flavour is None:
@@ -278,6 +275,9 @@ class TensorRTRunner(Runner):
             ) from None
         if reason is not None:
             raise EngineError(f"{self.engine_path.name}: {reason}; rebuild it: {rebuild_hint(sidecar)}")
+        from fcn_deploy.artifacts import check_normalization
+
+        check_normalization(sidecar, str(sidecar_path(self.engine_path)))
         try:
             self._load(trt, sidecar)
         except BaseException:
