@@ -261,9 +261,12 @@ def test_perturbed_onnx_fails_naming_metric(checkpoint_path, perturbed_export, v
     assert ort["disagreement_maps"], "a perturbed model disagrees somewhere"
     for entry in ort["disagreement_maps"]:
         img = np.asarray(Image.open(entry["path"]))
-        assert img.shape == (320, 480, 3)
-        magenta = np.all(img == (255, 0, 255), axis=-1).sum()
+        assert img.shape[0] > 320 and img.shape[1:] == (480, 3)  # the tile, a caption below it
+        magenta = np.all(img[:320] == (255, 0, 255), axis=-1).sum()
         assert magenta == entry["pixels_disagreeing"] > 0
+        caption = img[320:]
+        assert (caption.max(axis=-1) < 100).sum() > 200  # its text (the pixel count)
+        assert np.all(caption == (255, 0, 255), axis=-1).sum() >= 25  # the swatch of the colour it explains
 
 
 def test_cli_check_exit_codes(checkpoint_path, perturbed_export, voc_root, tmp_path):
@@ -328,6 +331,16 @@ def test_photo_folder_source_pads_and_skips_unreadable(checkpoint_path, onnx_pat
     assert metrics["miou_gt_change"] is None and result.passed
     with pytest.raises(UsageError, match="give one tile source, not --images and --synthetic"):
         check(["ort"], model=checkpoint_path, export_dir=onnx_path.parent, images=photos, synthetic=2)
+
+
+def test_caption_below_keeps_the_picture_and_wraps_its_text():
+    from fcn_deploy.report import with_caption
+
+    rgb = np.full((20, 120, 3), 200, np.uint8)
+    one = with_caption(rgb, ["12 pixels"])
+    two = with_caption(rgb, ["12 of 2,400 pixels (0.50%) disagree: ort-fp16 vs PyTorch fp32"])  # wraps at 120 px
+    assert np.array_equal(one[:20], rgb) and one.shape[1] == 120 and one.shape[0] > 20
+    assert two.shape[0] > one.shape[0] and (two[20:].max(axis=-1) < 100).any()
 
 
 def test_disagreement_map_marks_pixels_and_a_visible_halo():
