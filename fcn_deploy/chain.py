@@ -202,7 +202,7 @@ def _resolve_onnx(spec, model, export_dir: Path, precision, checkpoint) -> Resol
         if model is not None:
             return Resolved(spec.name, path, "onnx", own)
         label = "ONNX model" if own == "fp32" else f"{tag.upper()} ONNX model"
-        raise ArtifactNotFoundError(f"{label} {path} not found; run `{spec.build_command}` first")
+        raise ArtifactNotFoundError(f"{label} {path} not found; run `{_build_hint(spec, checkpoint, fp32)}` first")
     required = checkpoint is not None
     try:
         if own == "fp32":
@@ -217,6 +217,18 @@ def _resolve_onnx(spec, model, export_dir: Path, precision, checkpoint) -> Resol
             return Resolved(spec.name, path, "onnx", own)
         raise
     return Resolved(spec.name, path, "onnx", own, reason)
+
+
+def _build_hint(spec, checkpoint, fp32: Path) -> str:
+    """The backend's build command with the paths of this call: ``checkpoint`` for model.pt and
+    ``-o fp32`` when the export folder is not the default one (e.g. the demo's)."""
+    command = spec.build_command
+    if checkpoint is not None:
+        command = command.replace(" model.pt", f" {checkpoint}", 1)
+    if command.startswith("fcn-deploy export ") and fp32 != Path(DEFAULT_EXPORT_DIR) / ONNX_NAME:
+        head, sep, options = command.partition(" --")
+        command = f"{head} -o {fp32}{sep}{options}"
+    return command
 
 
 def _resolve_engine(spec, model, export_dir: Path, engines_dir: Path, precision, checkpoint) -> Resolved:

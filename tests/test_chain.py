@@ -5,6 +5,7 @@ No model, no export: each staleness rule and each message on its own."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -161,10 +162,10 @@ def test_resolve_onnx_defaults_and_precision(chain, tmp_path):
     with pytest.raises(UsageError, match="^--backend ort-fp16 runs the fp16 ONNX$"):  # no backend runs bf16
         resolve("ort-fp16", export_dir=export, precision="bf16")
     empty = tmp_path / "empty"
-    with pytest.raises(ArtifactNotFoundError, match=rf"^ONNX model {empty}/fcn.onnx not found; run `fcn-deploy export model.pt` first$"):
+    with pytest.raises(ArtifactNotFoundError, match=rf"^ONNX model {empty}/fcn.onnx not found; run `fcn-deploy export model.pt -o {empty}/fcn.onnx` first$"):
         resolve("ort", export_dir=empty)
     with pytest.raises(ArtifactNotFoundError, match=rf"^FP16 ONNX model {empty}/fcn.fp16.onnx not found; "
-                                                   r"run `fcn-deploy export model.pt --fp16` first$"):
+                                                   rf"run `fcn-deploy export model.pt -o {empty}/fcn.onnx --fp16` first$"):
         resolve("ort-fp16", export_dir=empty)
     explicit = tmp_path / "nowhere.onnx"  # an explicit artifact that does not exist: the runner says so
     assert resolve("ort-fp16", explicit) == Resolved("ort-fp16", explicit, "onnx", "fp16")
@@ -316,3 +317,14 @@ def test_rebuild_commands_name_the_export_that_remakes_each_artifact():
     meta = {"precision": "int8", "calibration": {"symmetric": False}}
     assert _rebuild_command(Path("out/net.int8-cpu.onnx"), meta, fp32) == (
         "fcn-deploy export <checkpoint> -o out/net.onnx --int8-cpu" + calib)
+
+
+def test_build_hint_names_the_checkpoint_and_export_folder_of_the_call(tmp_path):
+    """issue 24: the demo's check named `fcn-deploy export model.pt --int8 ...`; its checkpoint is
+    demo-work/model.pt and its export folder demo-work/export."""
+    ckpt, export = tmp_path / "demo-work" / "model.pt", tmp_path / "demo-work" / "export"
+    with pytest.raises(ArtifactNotFoundError, match=re.escape(
+            f"run `fcn-deploy export {ckpt} -o {export}/fcn.onnx --int8 --voc-root DIR (or --calib PHOTOS)` first")):
+        resolve("ort-int8", export_dir=export, checkpoint=ckpt)
+    with pytest.raises(ArtifactNotFoundError, match=re.escape(f"run `fcn-deploy export {ckpt} -o {export}/fcn.onnx` first")):
+        resolve("ort", export_dir=export, checkpoint=ckpt)

@@ -269,7 +269,7 @@ def test_factory_missing_defaults_name_the_command(tmp_path, monkeypatch):
     with pytest.raises(ArtifactNotFoundError) as err:
         create_runner("ort")
     assert str(err.value) == "ONNX model export/fcn.onnx not found; run `fcn-deploy export model.pt` first"
-    with pytest.raises(ArtifactNotFoundError, match=r"out/fcn.fp16.onnx not found; run `fcn-deploy export model.pt --fp16`"):
+    with pytest.raises(ArtifactNotFoundError, match=r"out/fcn.fp16.onnx not found; run `fcn-deploy export model.pt -o out/fcn.onnx --fp16`"):
         create_runner("ort-fp16", export_dir="out")
 
 
