@@ -295,7 +295,7 @@ def test_check_int8_gate_names_the_metric(checkpoint_path, int8_export_dir, voc_
     from fcn_deploy.parity.check import check
 
     kw = dict(model=checkpoint_path, export_dir=int8_export_dir, engines_dir=tmp_path / "engines",
-              voc_root=voc_root, max_tiles=2, echo=None)
+              voc_root=voc_root, max_tiles=2, echo=None, disagreement_dir=tmp_path / "maps")  # never ./check
     with pytest.raises(VerificationError, match=r"parity check failed: ort-int8: argmax agreement \d+\.\d+% < 99\.00% \(short by"):
         check(["all"], **kw)
     result = check(["ort-int8"], thresholds=["int8.agreement=80", "int8.miou_gt_change=off"], **kw)
