@@ -35,8 +35,11 @@ class _Group(click.Group):
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        from fcn_deploy.runners.device import announce_devices
+
         try:
-            return super().invoke(ctx)
+            with announce_devices():  # "device: ..." on stderr in a command; library calls stay silent
+                return super().invoke(ctx)
         except FcnDeployError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)

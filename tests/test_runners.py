@@ -355,13 +355,19 @@ def test_fixed_batch_runner_pads_a_short_tensor_batch(onnx_path, tmp_path):
 def test_resolve_device_on_this_machine(capsys):
     from fcn_deploy.runners.device import resolve_device
 
+    from fcn_deploy.runners.device import announce_devices
+
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("torch", "auto") == expected
+    assert resolve_device("torch", "auto") == expected  # a library call: silent (issue 24)
+    assert capsys.readouterr() == ("", "")
+    with announce_devices():  # as in every command
+        assert resolve_device("torch", "auto") == expected
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"device: {expected} (") and "\n" not in line
     if expected == "cpu":
         assert line == "device: cpu (no CUDA GPU)"
-        assert resolve_device("ort") == "cpu"
+        with announce_devices():
+            assert resolve_device("ort") == "cpu"
     assert resolve_device("trt", "auto", echo=None) == "cuda:0"  # TensorRT always runs on a GPU
     assert capsys.readouterr().err.count("device:") == (1 if expected == "cpu" else 0)
 
@@ -437,9 +443,12 @@ def test_factory_auto_device_picks_the_backend_runtime(fake_gpu, monkeypatch, ch
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    torch_runner = create_runner("torch", checkpoint_path)
+    from fcn_deploy.runners.device import announce_devices
+
+    with announce_devices():
+        torch_runner = create_runner("torch", checkpoint_path)
+        ort = create_runner("ort", tmp_path / "m.onnx")
     assert torch_runner.device == "cuda:0" and torch_runner.channels_last is False
-    ort = create_runner("ort", tmp_path / "m.onnx")
     assert ort.providers == ("cuda",) and ort.device == "cuda:0"
     assert capsys.readouterr().err.splitlines() == ["device: cuda:0 (Fake GPU)"] * 2
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
