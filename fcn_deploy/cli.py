@@ -7,12 +7,29 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import warnings
 
 import click
 
 from fcn_deploy import __version__
-from fcn_deploy.errors import FcnDeployError
+from fcn_deploy.errors import FcnDeployError, UsageError
 from fcn_deploy.runners.registry import BACKENDS, CHECK_BACKENDS
+
+
+def _show_progress() -> bool:
+    """Progress bars only on a terminal: in a log file tqdm's carriage returns are noise."""
+    return sys.stderr.isatty()
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings (e.g. an image PIL decoded with a corrupt EXIF block) as one line; others
+    as Python shows them."""
+    if getattr(category, "__module__", "").startswith("fcn_deploy"):
+        return f"warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
+_default_formatwarning = warnings.formatwarning
 
 
 class Terminated(KeyboardInterrupt):
@@ -107,7 +124,8 @@ def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, devi
 
     history = train(voc_root, output, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                     crop_hw=parse_hw(crop, "--crop"), device=device, resume=resume, backbone_weights=backbone_weights,
-                    pretrained=pretrained, num_workers=num_workers, seed=seed, force=force, max_train_images=max_train_images)
+                    pretrained=pretrained, num_workers=num_workers, seed=seed, force=force, max_train_images=max_train_images,
+                    progress=_show_progress())
     last = history[-1] if history else {}
     scores = ", ".join(f"{name} {100 * last[k]:.2f}%" for k, name in (("val_miou", "val mIoU"), ("val_pixel_acc", "val pixel acc"))
                        if last.get(k) is not None)
@@ -201,7 +219,7 @@ def _ray_options(command):
 # [cli:infer]
 @cli.command("infer")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", default="predictions", show_default=True, type=click.Path(file_okay=False), help="Output folder; names mirror the input tree.")
+@click.option("-o", "--output", default="predictions", show_default=True, type=click.Path(file_okay=False), help="Output folder; names mirror the input tree (<root>/<rel>/<name>.<ext> -> <out>/<rel>/<name>.png). It may lie inside an input folder (left out of the inputs) if new or an infer output folder; never an input folder itself or above one.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when a GPU and the backend's GPU runtime are present, else CPU; the choice is printed), cpu, cuda or cuda:N.")
@@ -210,19 +228,23 @@ def _ray_options(command):
 @click.option("--window", type=click.Choice(["hann", "uniform"]), default="hann", show_default=True, help="Weighting of overlapping logits.")
 @click.option("--overlay", is_flag=True, help="Also write <name>.overlay.jpg (photo blended with class colours).")
 @click.option("--save-logits", is_flag=True, help="Also write <name>.logits.npy, float16 (C, H, W).")
-@click.option("--skip-existing", is_flag=True, help="Skip images whose mask exists (resume a run).")
+@click.option("--skip-existing", is_flag=True, help="Skip complete images: every requested output exists (resume a run).")
+@click.option("--keep-extension", is_flag=True, help="Name outputs <name>.<ext>.png (for folders holding a.jpg beside a.png, which otherwise both fail).")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode/encode threads (default: the CPU cores).")
 @click.option("--max-pixels", type=click.IntRange(min=1), help="Refuse images of more pixels (default: fcn_deploy.images.DEFAULT_MAX_PIXELS, 2**27 = 134 MP).")
+@click.option("--max-tiles", type=click.IntRange(min=1), help="Refuse images needing more tiles, from their header (default: tiles covering 16x the pixel limit, 13981 of 320x480).")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="gpu: decode JPEGs on the runner's CUDA device (nvJPEG, in batches; PIL for the rest).")
 @_ray_options
-def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, workers, max_pixels,
-              decode, ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker) -> None:
+def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window, overlay, save_logits, skip_existing, keep_extension,
+              workers, max_pixels, max_tiles, decode, ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker) -> None:
     """Segment images of any size (files or folders, recursively) into palette PNG masks."""
     from fcn_deploy.images import set_max_pixels
     from fcn_deploy.infer.pipeline import run_inference
     from fcn_deploy.runners import create_runner
 
     set_max_pixels(max_pixels)
+    if not output:
+        raise UsageError("-o is empty: name an output folder (e.g. -o predictions)")
     if ray_address is not None:
         from fcn_deploy.infer.ray import run_inference_ray
 
@@ -232,15 +254,16 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
             paths, output, address=ray_address, ray_workers=ray_workers, gpus_per_worker=ray_gpus_per_worker,
             cpus_per_worker=ray_cpus_per_worker, backend=backend, model=model, device=device, batch_size=batch_size,
             overlap=overlap, window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing,
-            workers=workers, max_pixels=max_pixels)
+            workers=workers, max_pixels=max_pixels, keep_extension=keep_extension, max_tiles=max_tiles,
+            progress=_show_progress())
         summary = result.summary
         click.echo(f"ray: {result.workers} workers ({result.gpus_per_worker:g} GPUs each), started in "
                    f"{result.startup_seconds:.2f} s; manifest {result.manifest}", err=True)
     else:
         summary = run_inference(
-            paths, output, runner=create_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,
+            paths, output, runner=lambda: create_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,
             window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing, workers=workers,
-            decode=decode,
+            decode=decode, keep_extension=keep_extension, max_tiles=max_tiles, progress=_show_progress(),
         )
     for _, message in summary.failed:
         click.echo(f"failed: {message}", err=True)
@@ -272,7 +295,7 @@ def check_cmd(backends, model, export_dir, engines_dir, images, voc_root, synthe
     check(backends, model=model, export_dir=export_dir, engines_dir=engines_dir, images=images, voc_root=voc_root,
           synthetic=synthetic, thresholds=list(thresholds), report=report, disagreement_dir=disagreement_dir,
           strict=strict, batch_size=batch_size, max_tiles=max_tiles, device=device, force=force,
-          echo=click.echo, progress=True)
+          echo=click.echo, progress=_show_progress())
 
 
 @cli.command("evaluate")
@@ -295,7 +318,7 @@ def evaluate_cmd(voc_root, split, backend, model, device, batch_size, overlap, m
 
     evaluate(voc_root, split=split, backend=backend, model=model, device=device, batch_size=batch_size,
              overlap=overlap, report=report, grid=grid, max_images=max_images, force=force, echo=click.echo,
-             progress=True, ray=ray_address, ray_options={"ray_workers": ray_workers, "gpus_per_worker": ray_gpus_per_worker,
+             progress=_show_progress(), ray=ray_address, ray_options={"ray_workers": ray_workers, "gpus_per_worker": ray_gpus_per_worker,
                                                           "cpus_per_worker": ray_cpus_per_worker})
 
 
@@ -345,6 +368,7 @@ def demo_cmd(workdir, num_images, epochs, force) -> None:
 
 
 def main() -> None:
+    warnings.formatwarning = _one_line_warning
     cli(prog_name="fcn-deploy")
 
 

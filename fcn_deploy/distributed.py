@@ -14,6 +14,13 @@ retried. A worker process that dies (killed, out of memory) is restarted by Ray 
 and the batch it held is run again (``max_task_retries``); only the retried batch's rows reach the
 driver.
 
+Joining: before ``ray.init`` the address is probed (:func:`probe_cluster`): one gRPC call to the
+cluster's GCS (``ray://``: to its Ray Client server) with a deadline of :data:`CONNECT_TIMEOUT_S`.
+Nothing listening, a port that closes the connection, a service that is not Ray, a host that does
+not resolve: each is a one-line error within seconds, where ``ray.init`` alone retries for about
+ten minutes. A stale record of a local cluster (``--ray`` with no address, the cluster killed)
+starts a new local cluster instead.
+
 Ray is an optional extra (``pip install 'fcn-deploy[ray]'``), imported only by ``--ray``.
 """
 
@@ -33,6 +40,11 @@ RAY_EXTRA = "pip install 'fcn-deploy[ray]'"
 MAX_RESTARTS = 3
 #: Images per batch sent to a worker (a killed worker redoes at most this many).
 IMAGES_PER_BATCH = 4
+#: Seconds an address has to answer the probe of :func:`probe_cluster`.
+CONNECT_TIMEOUT_S = 10.0
+#: ``RAY_gcs_server_port_wait_time_s`` while joining a probed cluster (unless set): Ray's own
+#: connection attempts (about 30 s each), should the cluster vanish between probe and join.
+JOIN_ATTEMPTS = 2
 
 
 def import_ray():
@@ -56,12 +68,92 @@ def check_address(address: str | None) -> str | None:
                      f"put a bare --ray after the paths, or write --ray=ADDRESS")
 
 
+def probe_cluster(address: str, timeout: float = CONNECT_TIMEOUT_S, label: str | None = None) -> None:
+    """Raise a one-line :class:`~fcn_deploy.errors.FcnDeployError` unless a Ray cluster answers
+    at ``address`` (``host:port`` of its GCS, or ``ray://host:port`` of its Ray Client server)
+    within ``timeout`` seconds: one gRPC call (GCS ``GetClusterId``, Ray Client ``ClusterInfo``
+    PING) through grpcio and Ray's own generated stubs; a refusal for want of credentials counts
+    as an answer (it is Ray). ``label`` names the address in the message (default: itself)."""
+    client = address.startswith("ray://")
+    target = address[len("ray://"):] if client else address
+    label = label or f"--ray {address}"
+    what = "Ray Client server" if client else "Ray cluster (GCS)"
+    try:
+        import grpc
+    except ImportError:  # Ray without its client extra: only whether something listens there
+        _probe_tcp(target, timeout, label)
+        return
+    channel = grpc.insecure_channel(target)
+    try:
+        if client:
+            from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
+                ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=timeout)
+        else:
+            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return  # a Ray cluster that wants a token: ray.init says the rest
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        details = first_line(ValueError(str(details).replace("failed to connect to all addresses; last error: ", "")), 160)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            reason = f"no answer within {timeout:g} s"
+        elif code == grpc.StatusCode.UNIMPLEMENTED:
+            reason = f"the service there is not a {what}"
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            reason = f"nothing there answers as a {what} ({details})"
+        else:
+            reason = f"{code.name if code else 'error'}: {details}"
+        raise FcnDeployError(f"{label}: cannot join the Ray cluster at {target}: {reason}") from None
+    finally:
+        channel.close()
+
+
+def _probe_tcp(target: str, timeout: float, label: str) -> None:
+    """The probe without grpcio: a TCP connection to ``host:port`` within ``timeout`` seconds."""
+    import socket
+
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else \
+            f"nothing listens there ({getattr(exc, 'strerror', None) or exc})"
+        raise FcnDeployError(f"{label}: cannot join the Ray cluster at {target}: {reason}") from None
+
+
+def _bootstrap(ray, address: str | None) -> tuple[str | None, str | None]:
+    """(the address ``ray.init`` would join, where it came from) for ``address`` None or
+    ``auto`` (``RAY_ADDRESS``, or the record of the latest local cluster); (None, None) when a
+    new local cluster is to start."""
+    try:
+        from ray._private import services
+    except ImportError:  # pragma: no cover - Ray moved it: join without the probe
+        return None, None
+    env = os.environ.get("RAY_ADDRESS") or None
+    try:
+        found = services.canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as exc:
+        raise FcnDeployError(f"--ray {address or ''}: cannot join a Ray cluster: {first_line(exc)}") from None
+    if found is None:
+        return None, None
+    return found, ("RAY_ADDRESS" if env else "the record of the latest local cluster")
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> tuple[Any, float, bool]:
     """Join or start the Ray cluster; returns (ray, start-up seconds, whether we started it).
 
     ``address``: None (``RAY_ADDRESS`` if set, else a running local cluster, else a new one),
-    ``local`` (always a new local cluster), ``auto`` or ``ray://host:port`` (an existing one).
-    ``num_cpus`` only applies to a new local cluster. Already connected: nothing happens.
+    ``local`` (always a new local cluster), ``auto``, ``host:port`` or ``ray://host:port`` (an
+    existing one). An address to join is probed first (:func:`probe_cluster`): one line within
+    :data:`CONNECT_TIMEOUT_S` seconds when nothing Ray answers there; with no address, a dead
+    local cluster's record starts a new one. ``num_cpus`` only applies to a new local cluster.
+    Already connected: nothing happens.
     """
     import logging
 
@@ -73,14 +165,33 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> tuple
     if ray.is_initialized():
         return ray, 0.0, False
     start = time.perf_counter()
+    join = address
+    if address is None or address == "auto":
+        join, source = _bootstrap(ray, address)
+        if join is not None:
+            try:
+                probe_cluster(join, label=f"--ray {address or ''}".rstrip() + f" ({source})")
+            except FcnDeployError:
+                if address is not None or os.environ.get("RAY_ADDRESS"):
+                    raise
+                address = "local"  # a local cluster's record outlived it: start a new one
+    elif address != "local":
+        probe_cluster(address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": False}
     if address in (None, "local") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
+    joining = address not in (None, "local") or (address is None and join is not None)
+    previous = os.environ.get("RAY_gcs_server_port_wait_time_s")
+    if joining and previous is None:
+        os.environ["RAY_gcs_server_port_wait_time_s"] = str(JOIN_ATTEMPTS)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise FcnDeployError(f"--ray {address or ''}: cannot join the Ray cluster: {first_line(exc)}") from None
+    finally:
+        if joining and previous is None:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
     return ray, time.perf_counter() - start, True
 
 

@@ -7,6 +7,10 @@ dropped, colour kept), CMYK, 16-bit and float images. Every decode failure becom
 Decompression bombs: an image is refused before decoding when its header declares more than
 :func:`max_pixels` pixels (default :data:`DEFAULT_MAX_PIXELS`; ``infer --max-pixels`` raises it).
 A PNG of a few kilobytes can declare 900 megapixels, which decode to gigabytes.
+
+PIL's warnings while a file is decoded (e.g. "Corrupt EXIF data", one per damaged tag) name no
+file: they are gathered per file and given again as one :class:`ImageWarning`,
+``<file>: <what PIL said>`` (the CLI prints it as one ``warning:`` line).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +40,57 @@ _max_pixels = DEFAULT_MAX_PIXELS
 # warning is silenced because load_rgb refuses such an image itself, in one line.
 Image.MAX_IMAGE_PIXELS = _max_pixels
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageWarning(UserWarning):
+    """What PIL warned about while decoding one file, naming the file."""
+
+
+_sink = threading.local()  # .messages: the PIL warnings of the file this thread is decoding
+_hook_lock = threading.Lock()
+_hooked = False
+_PIL_DIR = os.sep + "PIL" + os.sep
+
+
+def _install_warning_hook() -> None:
+    """Once per process: PIL's warnings raised in a thread inside :func:`naming_warnings` go to
+    that thread's list instead of being shown (thread-safe, unlike ``warnings.catch_warnings``);
+    every other warning is shown as before. PIL's UserWarnings are shown each time ("always"), so
+    every file's are seen, not only the first file's."""
+    global _hooked
+    with _hook_lock:
+        if _hooked:
+            return
+        previous = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            messages = getattr(_sink, "messages", None)
+            if messages is not None and _PIL_DIR in str(filename):
+                messages.append(str(message))
+                return
+            previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        warnings.filterwarnings("always", category=UserWarning, module=r"PIL\.")
+        _hooked = True
+
+
+@contextmanager
+def naming_warnings(path: str | os.PathLike, keep: bool = True) -> Iterator[None]:
+    """PIL's warnings in this thread during the block become one :class:`ImageWarning`
+    ``<path>: <messages>`` at its end (``keep=False``: dropped, for a header read before the
+    file is decoded, which warns again)."""
+    _install_warning_hook()
+    outer = getattr(_sink, "messages", None)
+    _sink.messages = messages = []
+    try:
+        yield
+    finally:
+        _sink.messages = outer
+        if messages and keep:
+            unique = list(dict.fromkeys(m.strip() for m in messages))
+            text = "; ".join(unique[:3]) + (f"; and {len(unique) - 3} more" if len(unique) > 3 else "")
+            warnings.warn(ImageWarning(f"{path}: {text}"), stacklevel=3)
 
 
 def max_pixels() -> int:
@@ -127,7 +183,7 @@ def load_rgb(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
     :func:`max_pixels`) and anything but a regular file (a FIFO would block forever).
     """
     path = Path(path)
-    with image_errors(path, limit):
+    with naming_warnings(path), image_errors(path, limit):
         check_regular_file(path)
         with Image.open(path) as img:
             check_size(path, *img.size, limit)
@@ -135,6 +191,24 @@ def load_rgb(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
             img.load()
             rgb = _to_rgb(img)
             return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+#: EXIF orientations that swap width and height for display.
+_TRANSPOSED = (5, 6, 7, 8)
+
+
+def read_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) of ``path`` as displayed (EXIF orientation applied), from its header
+    alone; None when the header cannot be read (decoding the file then reports why)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # a FIFO would block: load_rgb refuses it by name
+        with naming_warnings(path, keep=False), Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") else 1
+    except Exception:  # noqa: BLE001 - anything PIL raises on a bad header: the decode reports it
+        return None
+    return (width, height) if orientation in _TRANSPOSED else (height, width)
 
 
 def normalize(rgb: np.ndarray, mean, std) -> np.ndarray:

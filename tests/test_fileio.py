@@ -45,12 +45,13 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
 def test_atomic_path_never_reuses_an_existing_temporary(tmp_path, monkeypatch):
     """Two writers drawing the same random name: the second draws again and leaves the first's
     temporary as it was."""
-    draws = iter(["aaaaaaaa", "bbbbbbbb"])
+    draws = iter(["aaaaaa", "bbbbbb"])
     monkeypatch.setattr(fileio.secrets, "token_hex", lambda nbytes: next(draws))
-    other = tmp_path / ".out.bin.aaaaaaaa.tmp"
+    owner = f"{fileio._HOST}-{os.getpid()}"
+    other = tmp_path / f".out.bin.{owner}-aaaaaa.tmp"
     other.write_bytes(b"another writer's data")
     with atomic_path(tmp_path / "out.bin") as tmp:
-        assert tmp.name == ".out.bin.bbbbbbbb.tmp"
+        assert tmp.name == f".out.bin.{owner}-bbbbbb.tmp"
         tmp.write_bytes(b"mine")
     assert other.read_bytes() == b"another writer's data"
     assert (tmp_path / "out.bin").read_bytes() == b"mine"

@@ -403,13 +403,14 @@ def test_unwritable_output_folder(small_runner, tmp_path):
         run_inference([tmp_path / "a.png"], blocker / "out", runner=small_runner, overlap=OVERLAP, progress=False)
 
 
-def test_colliding_names_keep_their_extension(tmp_path):
+def test_colliding_names_fail_unless_they_keep_their_extension(tmp_path):
     _save(tmp_path / "in" / "a.jpg", _photo(10, 10))
     _save(tmp_path / "in" / "a.png", _photo(10, 10))
     _save(tmp_path / "in" / "b.png", _photo(10, 10))
     images, failed = collect_inputs([tmp_path / "in"])
-    assert not failed
-    assert sorted(str(i.rel_stem) for i in images) == ["a.jpg", "a.png", "b"]
+    assert [str(i.rel_stem) for i in images] == ["b"] and len(failed) == 2
+    images, failed = collect_inputs([tmp_path / "in"], keep_extension=True)
+    assert not failed and sorted(str(i.rel_stem) for i in images) == ["a.jpg", "a.png", "b.png"]
     assert [p.name for p in find_images([tmp_path / "in"])] == ["a.jpg", "a.png", "b.png"]
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from fcn_deploy.cli import cli
 from fcn_deploy.errors import DiskFullError, UsageError
+from fcn_deploy.infer.inputs import MARKER_NAME
 from fcn_deploy.infer.pipeline import run_inference
 from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
 from fcn_deploy.runners.torch_runner import TorchRunner
@@ -60,6 +61,11 @@ class _ConstantRunner(Runner):
         return argmax_labels(logits) if output == "labels" else logits
 
 
+def _listing(folder):
+    """The names in ``folder`` but the marker of an output folder."""
+    return sorted(n for n in os.listdir(folder) if n != MARKER_NAME)
+
+
 def _save(path, h, w, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -70,20 +76,19 @@ def _save(path, h, w, seed=0):
 
 
 # -- 1. no output replaces an input ------------------------------------------------------------
-@pytest.mark.parametrize("as_file", [False, True])
-def test_output_never_replaces_the_input(small_runner, tmp_path, as_file):
+def test_output_never_replaces_the_input(small_runner, tmp_path):
+    """A file named as input, its folder as -o: the output that would replace it fails, by name."""
     photo = _save(tmp_path / "p" / "photo.png", 30, 40)
     other = _save(tmp_path / "p" / "other.jpg", 30, 40, seed=1)
     before = photo.read_bytes()
-    arg = photo if as_file else tmp_path / "p"
-    summary = run_inference([arg], tmp_path / "p", runner=small_runner, overlap=OVERLAP, progress=False)
+    summary = run_inference([photo], tmp_path / "p", runner=small_runner, overlap=OVERLAP, progress=False)
     assert photo.read_bytes() == before
     assert [p for p, _ in summary.failed] == [str(photo)]
     assert "would replace the input" in summary.failed[0][1]
-    assert summary.images == (0 if as_file else 1)
-    if not as_file:
-        assert (tmp_path / "p" / "other.png").exists()
-    assert other.exists()
+    assert summary.images == 0 and other.exists()
+    with pytest.raises(UsageError, match="is the input folder"):  # the folder as -o: refused before any work
+        run_inference([tmp_path / "p"], tmp_path / "p", runner=small_runner, overlap=OVERLAP, progress=False)
+    assert photo.read_bytes() == before and not (tmp_path / "p" / "other.png").exists()
 
 
 def test_output_hard_link_to_an_input_is_refused(small_runner, tmp_path):
@@ -101,8 +106,9 @@ def test_cli_infer_into_the_input_folder_keeps_the_photo(checkpoint_path, tmp_pa
     before = photo.read_bytes()
     res = CliRunner().invoke(cli, ["infer", str(tmp_path / "p"), "-o", str(tmp_path / "p"), "--backend", "torch",
                                    "--model", str(checkpoint_path)])
-    assert res.exit_code == 1 and photo.read_bytes() == before
-    assert "would replace the input" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and photo.read_bytes() == before
+    assert "is the input folder" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
 
 
 # -- 3. decompression bombs --------------------------------------------------------------------
@@ -173,7 +179,7 @@ def test_disk_full_stops_at_the_first_image(tmp_path, monkeypatch):
         run_inference([tmp_path / "in"], tmp_path / "out", runner=_ConstantRunner(), batch_size=2,
                       overlap=OVERLAP, save_logits=True, workers=1, progress=False)
     assert len(calls) == 1  # no attempt on the next images
-    assert sorted(os.listdir(tmp_path / "out")) == []  # no temporary left
+    assert _listing(tmp_path / "out") == []  # no temporary left
 
 
 def test_cli_file_size_limit_on_logits_is_one_line_per_image(checkpoint_path, tmp_path):
@@ -197,7 +203,7 @@ def test_cli_file_size_limit_on_logits_is_one_line_per_image(checkpoint_path, tm
     failed = [ln for ln in res.stderr.splitlines() if ln.startswith("failed:")]
     assert len(failed) == 1 and "big.logits.npy" in failed[0] and "file-size limit" in failed[0]
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == ["small.logits.npy", "small.png"]
+    assert _listing(out) == ["small.logits.npy", "small.png"]
 
 
 def test_model_failing_to_load_leaves_no_output_folder(tmp_path):
@@ -255,7 +261,7 @@ def test_outputs_follow_the_umask(tmp_path):
                       save_logits=True, progress=False)
     finally:
         os.umask(old)
-    names = sorted(os.listdir(tmp_path / "out"))
+    names = _listing(tmp_path / "out")
     assert names == ["a.logits.npy", "a.overlay.jpg", "a.png"]
     assert {(tmp_path / "out" / n).stat().st_mode & 0o777 for n in names} == {0o644}
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fcn_deploy.errors import FcnDeployError
 from fcn_deploy.infer.inputs import (InputImage, _is_image_candidate, check_output_dir, collect_inputs, find_images,
-                               refuse_overwriting_inputs)
+                                     list_inputs, refuse_overwriting_inputs)
 
 
 def _png(path, h=4, w=5, seed=0):
@@ -95,7 +95,8 @@ def test_each_file_is_listed_once(tmp_path):
 
 def test_collect_inputs_counts_a_file_once_through_symlinks(tmp_path):
     """A symlink to an image already found, a folder and a file of it both named, and a
-    symlinked folder (not descended into) give each image once; outputs mirror the tree."""
+    symlinked folder (followed, but its target walked once, under its own name) give each image
+    once; outputs mirror the tree."""
     src = tmp_path / "in"
     for rel in ("a.png", "sub/c.png"):
         _png(src / rel)
@@ -130,23 +131,58 @@ def test_missing_paths_and_fifos_are_failures_by_name(tmp_path):
     assert find_images([tmp_path / "nope.png", good]) == [good]
 
 
-def test_colliding_stems_keep_their_extension_ignoring_case(tmp_path):
+def test_names_differing_in_case_are_distinct_on_a_case_sensitive_file_system(tmp_path):
+    """Issue 24 (9): ``a.jpg`` beside ``A.JPG`` failed one of them as a clash, though both masks
+    (``a.png``, ``A.png``) can live side by side; they clash only where case is ignored."""
     root = tmp_path / "in"
-    for rel in ("A.jpg", "a.png", "b.png", "sub/c.png", "sub/c.tif", "d.tar.png"):
+    for rel in ("A.JPG", "a.jpg", "b.png", "sub/c.png", "d.tar.png"):
         _png(root / rel)
     images, failed = collect_inputs([root])
     assert failed == []
-    assert sorted(i.rel_stem.as_posix() for i in images) == ["A.jpg", "a.png", "b", "d.tar", "sub/c.png", "sub/c.tif"]
+    assert sorted(i.rel_stem.as_posix() for i in images) == ["A", "a", "b", "d.tar", "sub/c"]
+    images, failed = collect_inputs([root], case_insensitive=True)  # e.g. an output on a USB stick
+    assert sorted(os.path.basename(p) for p, _ in failed) == ["A.JPG", "a.jpg"]
+    assert all("ignores case" in m and "also that of" in m for _, m in failed)
 
 
-def test_an_output_name_still_taken_is_a_failure_naming_both(tmp_path):
-    first = _png(tmp_path / "x" / "a.png")
-    second = _png(tmp_path / "y" / "a.png")  # both stems "a", so both keep ".png": still the same name
-    third = _png(tmp_path / "z" / "A.PNG")
-    images, failed = collect_inputs([tmp_path / "x", tmp_path / "y", third])
-    assert [(i.path, i.rel_stem) for i in images] == [(first, Path("a.png"))]
-    assert failed == [(str(second), f"{second}: output name a.png.png is already used by {first}"),
-                      (str(third), f"{third}: output name A.PNG.png is already used by {first}")]
+def test_a_name_depends_on_its_path_and_root_only(tmp_path):
+    """Issue 24 (9): ``infer camA camB`` named camA's photo ``IMG_0001.JPG.png`` and ``infer camA``
+    ``IMG_0001.png``: the name must not depend on the other inputs given."""
+    cam_a, cam_b = _png(tmp_path / "camA" / "IMG_0001.JPG"), _png(tmp_path / "camB" / "IMG_0001.PNG", seed=1)
+    _png(tmp_path / "camB" / "IMG_0002.JPG", seed=2)
+    alone = {i.path: i.rel_stem for i in collect_inputs([tmp_path / "camA"])[0]}
+    images, failed = collect_inputs([tmp_path / "camA", tmp_path / "camB"])
+    assert alone == {cam_a: Path("IMG_0001")}
+    # the same name from two folders given together: both fail, neither owns IMG_0001.png
+    assert [i.rel_stem for i in images] == [Path("IMG_0002")]
+    assert failed == [
+        (str(cam_a), f"{cam_a}: its output name IMG_0001.png is also that of {cam_b}; give each input folder its own -o"),
+        (str(cam_b), f"{cam_b}: its output name IMG_0001.png is also that of {cam_a}; give each input folder its own -o")]
+    assert collect_inputs([tmp_path / "camA"])[0] == collect_inputs([tmp_path / "camA"])[0]  # deterministic
+
+
+def test_a_stem_shared_in_a_folder_fails_all_and_keep_extension_names_them_all(tmp_path):
+    root = tmp_path / "in"
+    jpg, png = _png(root / "a.jpg"), _png(root / "a.png", seed=1)
+    _png(root / "b.png")
+    images, failed = collect_inputs([root])
+    assert [i.rel_stem for i in images] == [Path("b")]
+    assert [p for p, _ in failed] == [str(jpg), str(png)]
+    assert failed[0][1] == (f"{jpg}: its output name a.png is also that of {png}; rename one, or pass "
+                            f"--keep-extension (masks named <name>.<ext>.png)")
+    images, failed = collect_inputs([root], keep_extension=True)
+    assert failed == [] and [i.rel_stem for i in images] == [Path("a.jpg"), Path("a.png"), Path("b.png")]
+    assert find_images([root]) == [jpg, png, root / "b.png"]  # listing images needs no names
+
+
+def test_an_output_file_named_like_an_output_folder_fails(tmp_path):
+    root = tmp_path / "in"
+    clash = _png(root / "x.jpg")  # its overlay x.overlay.jpg ...
+    _png(root / "x.overlay.jpg" / "p.png")  # ... is the name of the output folder of this one
+    listing = list_inputs([root], suffixes=(".png", ".overlay.jpg"))
+    assert [i.rel_stem.as_posix() for i in listing.images] == ["x.overlay.jpg/p"]
+    assert listing.failed == [(str(clash), f"{clash}: its output x.overlay.jpg has the name of an output folder; "
+                                           f"rename it")]
 
 
 # -- refuse_overwriting_inputs -----------------------------------------------------------------

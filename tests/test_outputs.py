@@ -176,21 +176,27 @@ def test_output_path_appends_the_suffix_below_the_folder():
     assert outputs.output_path(Path("/o"), Path("x"), ".logits.npy") == Path("/o/x.logits.npy")
 
 
-def test_overlay_is_the_mean_of_photo_and_class_colour(tmp_path):
-    rgb = np.array([[[0, 0, 0], [255, 255, 255], [10, 21, 31]]], np.uint8)
-    labels = np.array([[0, 1, 7]], np.uint8)
-    colormap = [(100, 200, 255), (255, 255, 255)]
+def test_overlay_leaves_background_as_the_photo_and_lays_colours_over_the_rest(tmp_path):
+    """Issue 24 (pictures): the overlay blended background with black (the photo halved in
+    brightness). Background (class 0) keeps the photo's pixels; other classes get their colour
+    at OVERLAY_ALPHA over the photo."""
+    rgb = np.array([[[0, 0, 0], [200, 100, 50], [255, 255, 255], [10, 21, 31], [90, 90, 90]]], np.uint8)
+    labels = np.array([[0, 0, 1, 7, 2]], np.uint8)
+    colormap = [(100, 200, 255), (255, 255, 255), (0, 0, 200)]
     out = outputs.overlay_image(rgb, labels, colormap)
-    assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, [[[50, 100, 127], [255, 255, 255], [5, 10, 15]]])  # class 7: black
+    assert out.dtype == np.uint8 and outputs.OVERLAY_ALPHA == 0.5
+    np.testing.assert_array_equal(out, [[[0, 0, 0], [200, 100, 50], [255, 255, 255], [5, 10, 16], [45, 45, 145]]])
     flat = np.full((16, 16, 3), (10, 21, 31), np.uint8)  # one colour: JPEG keeps it to a level or two
-    outputs.write_overlay(tmp_path / "o.jpg", flat, np.zeros((16, 16), np.uint8), colormap)
+    labels = np.zeros((16, 16), np.uint8)
+    labels[:, 8:] = 2
+    outputs.write_overlay(tmp_path / "o.jpg", flat, labels, colormap)
     img = Image.open(tmp_path / "o.jpg")
     assert img.format == "JPEG" and img.size == (16, 16)
     assert [p.name for p in tmp_path.iterdir()] == ["o.jpg"]
-    np.testing.assert_allclose(np.asarray(img, np.float32), np.full((16, 16, 3), (55, 110, 143)), atol=3)
+    np.testing.assert_allclose(np.asarray(img, np.float32)[:, :6], np.full((16, 6, 3), (10, 21, 31)), atol=3)
+    np.testing.assert_allclose(np.asarray(img, np.float32)[:, 10:], np.full((16, 6, 3), (5, 10, 116)), atol=4)
     ref = io.BytesIO()
-    Image.fromarray(outputs.overlay_image(flat, np.zeros((16, 16), np.uint8), colormap)).save(ref, "JPEG", quality=90)
+    Image.fromarray(outputs.overlay_image(flat, labels, colormap)).save(ref, "JPEG", quality=90)
     assert (tmp_path / "o.jpg").read_bytes() == ref.getvalue()  # quality 90
 
 

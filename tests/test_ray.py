@@ -66,7 +66,10 @@ def _manifest(out) -> list[dict]:
 
 def test_ray_masks_equal_single_process_and_a_corrupt_file_is_reported_once(ray_cluster, checkpoint_path, tmp_path):
     photos = tmp_path / "in"
-    names = _photos(photos, 7)
+    names = _photos(photos, 6)
+    odd = os.fsdecode(b"p\xff06")  # a name that is no UTF-8 (issue 24, defect 5: a traceback before)
+    Image.fromarray(_photo(56, 80, seed=6)).save(photos / f"{odd}.jpg")
+    names = sorted([*names, f"{odd}.png"])
     (photos / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     runner = TorchRunner(checkpoint_path, tile_hw=SMALL)
     # one tile per call on both sides: see test_evaluate_ray_equals_single_process

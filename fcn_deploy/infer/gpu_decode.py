@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from fcn_deploy.errors import FcnDeployError, UsageError
-from fcn_deploy.images import check_regular_file, check_size, image_errors, load_rgb
+from fcn_deploy.images import check_regular_file, check_size, image_errors, load_rgb, naming_warnings
 
 DECODE_KINDS: tuple[str, ...] = ("cpu", "gpu")
 #: Images per batched device decode at most (a folder of small photos).
@@ -68,7 +68,7 @@ def read_encoded(path: str | os.PathLike, limit: int | None = None) -> Encoded:
     """Check and read ``path`` for :func:`decode_batch` (raises
     :class:`~fcn_deploy.errors.ImageReadError` naming the file, as :func:`~fcn_deploy.images.load_rgb`)."""
     path = Path(path)
-    with image_errors(path, limit):
+    with naming_warnings(path), image_errors(path, limit):
         check_regular_file(path)
         with open(path, "rb") as f:
             data = f.read()

@@ -2,8 +2,12 @@
 
 * ``<name>.png``: palette PNG (PIL mode "P") whose pixel values are class ids, with the class
   colours attached as its palette (the VOC palette for VOC models);
-* ``<name>.overlay.jpg``: the photo blended half and half with the class colours;
+* ``<name>.overlay.jpg``: the photo with each non-background pixel's class colour laid over it
+  at :data:`OVERLAY_ALPHA` (background, class 0, left as the photo: its brightness is kept);
 * ``<name>.logits.npy``: averaged logits, float16 (C, H, W), streamed into a memory map.
+
+Every file goes through :mod:`fcn_deploy.fileio`: a locked temporary, every byte written checked,
+the size on disk verified before the rename.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from fcn_deploy.fileio import atomic_path
+from fcn_deploy.fileio import atomic_file, atomic_path, save_image
 from fcn_deploy.voc import colormap_array, voc_palette
 
 MASK_SUFFIX = ".png"
 OVERLAY_SUFFIX = ".overlay.jpg"
 LOGITS_SUFFIX = ".logits.npy"
+#: Opacity of the class colours over the photo in an overlay.
+OVERLAY_ALPHA = 0.5
+#: JPEG quality of the overlays.
+OVERLAY_QUALITY = 90
 
 
 def output_path(output_dir: str | os.PathLike, rel_stem: str | os.PathLike, suffix: str) -> Path:
@@ -42,7 +50,7 @@ def palette(colormap: Sequence[Sequence[int]] | None = None) -> list[int]:
 
 def write_mask(path: str | os.PathLike, labels: np.ndarray, pal: list[int]) -> None:
     """Write (H, W) uint8 class ids as a palette PNG (see :func:`write_palette_png`)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+    with atomic_file(path) as file:
         write_palette_png(file, labels, pal)
 
 
@@ -88,21 +96,24 @@ def write_palette_png(file: BinaryIO, labels: np.ndarray, pal: Sequence[int], le
     file.write(_png_chunk(b"IDAT", deflate.flush()) + _png_chunk(b"IEND", b""))
 
 
-def overlay_image(rgb: np.ndarray, labels: np.ndarray, colormap: Sequence[Sequence[int]]) -> np.ndarray:
-    """(H, W, 3) uint8: the mean of the photo and each pixel's class colour."""
+def overlay_image(rgb: np.ndarray, labels: np.ndarray, colormap: Sequence[Sequence[int]],
+                  alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """(H, W, 3) uint8: the photo ``rgb`` with each pixel's class colour laid over it at opacity
+    ``alpha``, except background (class 0), which stays the photo's own pixels."""
     colours = colormap_array(colormap)
-    lut = np.zeros((256, 3), dtype=np.uint16)
+    lut = np.zeros((256, 3), dtype=np.float32)
     lut[: len(colours)] = colours
-    blended = rgb.astype(np.uint16)
-    blended += lut[labels]
-    blended >>= 1
-    return blended.astype(np.uint8)
+    painted = labels != 0
+    out = rgb.copy()
+    if painted.any():
+        under = rgb[painted].astype(np.float32)
+        out[painted] = np.rint(under + alpha * (lut[labels[painted]] - under)).astype(np.uint8)
+    return out
 
 
 def write_overlay(path: str | os.PathLike, rgb: np.ndarray, labels: np.ndarray, colormap) -> None:
-    img = Image.fromarray(overlay_image(rgb, labels, colormap))
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="JPEG", quality=90)
+    """Write :func:`overlay_image` as a JPEG, atomically and verified (:func:`~fcn_deploy.fileio.save_image`)."""
+    save_image(path, Image.fromarray(overlay_image(rgb, labels, colormap)), "JPEG", quality=OVERLAY_QUALITY)
 
 
 def allocate(path: str | os.PathLike, size: int) -> None:
@@ -143,9 +154,12 @@ def logits_memmap(path: str | os.PathLike, shape: tuple[int, int, int]) -> Itera
                     "shape": tuple(shape)})
             offset = f.tell()
         allocate(tmp, offset + int(np.prod(shape)) * 2)
+        size = offset + int(np.prod(shape)) * 2
         arr = np.memmap(tmp, dtype=np.float16, mode="r+", offset=offset, shape=tuple(shape))
         try:
             yield arr
             arr.flush()
         finally:
             del arr
+        if os.stat(tmp).st_size != size:  # the blocks were reserved: this guards the bookkeeping
+            raise OSError(errno.EIO, f"{os.stat(tmp).st_size} bytes on disk, {size} expected (a short write)")

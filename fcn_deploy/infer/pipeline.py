@@ -8,7 +8,12 @@ are cut on the device), the calling thread only runs the runner, one stitcher th
 results to the assembler (window-weighted averaging and argmax, on the runner's device; see
 :mod:`fcn_deploy.tiling.assembler`) and the thread pool encodes and writes the outputs
 (:mod:`fcn_deploy.infer.outputs`). Queues between the stages are bounded, so memory stays bounded
-however many and however large the images are. Each stage's seconds are summed
+however many and however large the images are: decoding runs ahead of the tiler by at most
+``workers + 2`` images and :data:`~fcn_deploy.infer.limits.DECODE_AHEAD_BYTES` of decoded pixels
+(from the headers; one image is always admitted), pending writes by ``2 * workers`` and as many
+bytes. The headers also give each image's tile count before it is decoded: an image needing more
+than ``max_tiles`` (:mod:`fcn_deploy.infer.limits`) fails by name. The progress bar moves by tiles
+(an image of many tiles advances it as its tiles run). Each stage's seconds are summed
 (:class:`~fcn_deploy.tiling.StageClock`) into :attr:`InferSummary.stages`.
 """
 
@@ -45,8 +50,17 @@ from fcn_deploy.infer.gpu_decode import (
     decode_batch,
     read_encoded,
 )
-from fcn_deploy.images import load_rgb
-from fcn_deploy.infer.inputs import InputImage, check_output_dir, collect_inputs, refuse_overwriting_inputs
+from fcn_deploy.images import load_rgb, max_pixels, read_size
+from fcn_deploy.infer.inputs import (
+    InputImage,
+    check_output_dir,
+    check_output_folder,
+    list_inputs,
+    output_ignores_case,
+    refuse_overwriting_inputs,
+    write_marker,
+)
+from fcn_deploy.infer.limits import DECODE_AHEAD_BYTES, check_max_tiles, check_tiles, default_max_tiles
 from fcn_deploy.infer.outputs import (
     LOGITS_SUFFIX,
     MASK_SUFFIX,
@@ -170,7 +184,7 @@ def run_inference(
     paths: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
     *,
-    runner: Runner,
+    runner: Runner | Callable[[], Runner],
     batch_size: int = 8,
     overlap: int = DEFAULT_OVERLAP,
     window: str = DEFAULT_WINDOW,
@@ -181,12 +195,19 @@ def run_inference(
     progress: bool = True,
     assembler: str = "auto",
     decode: str = "cpu",
+    keep_extension: bool = False,
+    max_tiles: int | None = None,
 ) -> InferSummary:
     """Segment every image under ``paths`` into ``output_dir`` (see the module docstring).
 
     Per image ``<stem>.png`` (palette PNG of class ids) and, if asked, ``<stem>.overlay.jpg``
-    and ``<stem>.logits.npy`` (float16 (C, H, W)); the mask is written last, so with
-    ``skip_existing`` an image whose mask exists is complete and skipped. Unreadable images
+    and ``<stem>.logits.npy`` (float16 (C, H, W)); ``<stem>`` is the image's path below its
+    input root less its extension (``keep_extension``: with it; :mod:`fcn_deploy.infer.inputs`).
+    With ``skip_existing`` an image is skipped when it is complete: every requested output
+    exists (the mask is written last). ``max_tiles``: the work limit per image (default
+    :func:`~fcn_deploy.infer.limits.default_max_tiles`). ``runner`` may be a function making
+    it, called once the inputs and the output folder have passed their checks (the CLI: a bad
+    ``-o`` is said before a model loads). Unreadable images
     are recorded in ``summary.failed`` and the run goes on; errors of the runner or the output
     folder stop it with a :class:`~fcn_deploy.errors.FcnDeployError`. ``workers`` (decode and
     encode threads) defaults to the cores this process may use; ``assembler`` picks the tile
@@ -196,12 +217,15 @@ def run_inference(
     start = time.perf_counter()
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be >= 1, not {workers}")
+    check_max_tiles(max_tiles)
     items, out, summary, _ = plan_inputs(paths, output_dir, overlay=overlay, save_logits=save_logits,
-                                         skip_existing=skip_existing)
+                                         skip_existing=skip_existing, keep_extension=keep_extension)
+    if not isinstance(runner, Runner) and not hasattr(runner, "infer"):  # a function making it (duck-typed runners stay)
+        runner = runner()
     seg = Segmenter(runner, batch_size=batch_size, overlap=overlap, window=window, assembler=assembler)
     with seg:
         segment_items(seg, items, out, summary, overlay=overlay, save_logits=save_logits, workers=workers,
-                      progress=progress, decode=decode, started=start)
+                      progress=progress, decode=decode, started=start, max_tiles=max_tiles)
     summary.tiles = seg.tiles_run
     summary.stages = {k: round(v, 4) for k, v in seg.clock.seconds.items()}
     summary.seconds = time.perf_counter() - start
@@ -215,28 +239,35 @@ def plan_inputs(
     overlay: bool = False,
     save_logits: bool = False,
     skip_existing: bool = False,
+    keep_extension: bool = False,
 ) -> tuple[list[InputImage], Path, InferSummary, list[InputImage]]:
     """The images :func:`run_inference` segments, before any model loads.
 
-    Inputs are listed by :func:`~fcn_deploy.infer.inputs.collect_inputs`, those whose outputs would
-    replace an input are refused, and with ``skip_existing`` the images whose mask exists are
-    left out (stale temporaries of a killed run are removed first). Returns (images to do, the
-    output folder (not created yet), a summary holding the failures and the skipped count,
-    the skipped images).
+    Inputs are listed by :func:`~fcn_deploy.infer.inputs.list_inputs` (the output folder's
+    subtree left out), the output folder is checked against them
+    (:func:`~fcn_deploy.infer.inputs.check_output_folder`: a one-line error), images whose
+    outputs cannot be written or would replace an input fail
+    (:func:`~fcn_deploy.infer.inputs.refuse_overwriting_inputs`), and with ``skip_existing`` the
+    complete images (every requested output exists) are left out (stale temporaries of a killed
+    run are removed first; a concurrent run's are kept). Returns (images to do, the output
+    folder (not created yet), a summary holding the failures and the skipped count, the
+    skipped images).
     """
-    items, failed = collect_inputs(paths, exclude=output_dir)
     out = check_output_dir(output_dir, create=False)  # created once the runner is ready
     suffixes = [MASK_SUFFIX] + [OVERLAY_SUFFIX] * overlay + [LOGITS_SUFFIX] * save_logits
-    items, clashes = refuse_overwriting_inputs(items, out, suffixes)
-    summary = InferSummary(failed=failed + clashes)
+    listing = list_inputs(paths, exclude=out, keep_extension=keep_extension, case_insensitive=output_ignores_case(out),
+                          suffixes=suffixes)
+    check_output_folder(out, paths, listing.roots)
+    items, clashes = refuse_overwriting_inputs(listing.images, out, suffixes, listing.roots)
+    summary = InferSummary(failed=listing.failed + clashes)
     skipped: list[InputImage] = []
     if skip_existing:
         if out.is_dir():
             remove_stale_temps(out, (MASK_SUFFIX, OVERLAY_SUFFIX, LOGITS_SUFFIX))
-        todo = [i for i in items if not output_path(out, i.rel_stem, MASK_SUFFIX).exists()]
-        skipped = [i for i in items if output_path(out, i.rel_stem, MASK_SUFFIX).exists()]
-        summary.skipped = len(items) - len(todo)
-        items = todo
+        done = [all(output_path(out, i.rel_stem, s).exists() for s in suffixes) for i in items]
+        skipped = [i for i, d in zip(items, done) if d]
+        items = [i for i, d in zip(items, done) if not d]
+        summary.skipped = len(skipped)
     return items, out, summary, skipped
 
 
@@ -252,6 +283,7 @@ def segment_items(
     progress: bool = False,
     decode: str = "cpu",
     started: float | None = None,
+    max_tiles: int | None = None,
 ) -> list[ImageRecord]:
     """Segment ``items`` with the active ``seg`` and write their outputs under ``out`` (created).
 
@@ -261,15 +293,23 @@ def segment_items(
     status ``failed``; a runner error or a full disk raises. ``decode``: ``"cpu"`` (PIL, in the
     thread pool) or ``"gpu"`` (JPEGs decoded on the runner's CUDA device in batches,
     :mod:`fcn_deploy.infer.gpu_decode`). ``started``: the ``time.perf_counter()`` the run began
-    (``summary.first_batch_s`` counts from it; default: now).
+    (``summary.first_batch_s`` counts from it; default: now). ``max_tiles``: the work limit
+    (default :func:`~fcn_deploy.infer.limits.default_max_tiles` of the runner's tile size).
+    Nothing is created when ``items`` is empty; else the folder gets its marker
+    (:data:`~fcn_deploy.infer.inputs.MARKER_NAME`).
     """
     started = time.perf_counter() if started is None else started
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be >= 1, not {workers}")
+    check_max_tiles(max_tiles)
     seg.prepare()
     check_decode(decode, seg.assembler)
+    if not items:
+        return []
     check_output_dir(out)
-    pipeline = _Pipeline(seg, out, summary, overlay, save_logits, workers or _cores(), progress, decode)
+    write_marker(out)
+    limit = default_max_tiles(seg.tile_hw) if max_tiles is None else max_tiles
+    pipeline = _Pipeline(seg, out, summary, overlay, save_logits, workers or _cores(), progress, decode, limit)
     with frozen_heap():
         pipeline.run(items, started)
     return pipeline.records
@@ -294,6 +334,25 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+def progress_bar(total: int, show: bool, unit: str = "img"):
+    """A tqdm bar on stderr of ``total`` items that may advance by fractions (an image by its
+    tiles) and shows whole items done; shown only when ``show`` and stderr is a terminal (no
+    carriage-return lines in a log file)."""
+    import math
+
+    from tqdm import tqdm
+
+    class _Bar(tqdm):
+        @property
+        def format_dict(self):
+            values = super().format_dict
+            values["done"] = math.floor(values["n"] + 1e-6)
+            return values
+
+    return _Bar(total=total, unit=unit, disable=None if show else True, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {done}/{total_fmt} " + unit + " [{elapsed}<{remaining}{postfix}]")
+
+
 def _cores() -> int:
     """CPU cores this process may use."""
     try:
@@ -306,7 +365,8 @@ class _Pipeline:
     """The threads of :func:`run_inference` around one active :class:`Segmenter`."""
 
     def __init__(self, seg: Segmenter, out: Path, summary: InferSummary, overlay: bool,
-                 save_logits: bool, workers: int, progress: bool, decode: str = "cpu") -> None:
+                 save_logits: bool, workers: int, progress: bool, decode: str = "cpu",
+                 max_tiles: int | None = None) -> None:
         self.seg, self.out, self.summary = seg, out, summary
         self.overlay, self.save_logits, self.workers = overlay, save_logits, workers
         self.progress = progress
@@ -318,12 +378,14 @@ class _Pipeline:
         self.full_disk: DiskFullError | None = None  # set at the first full-disk error: the run stops
         self.records: list[ImageRecord] = []
         self.started: dict[Path, float] = {}  # input path -> when its decode was queued
+        self.max_tiles = default_max_tiles(seg.tile_hw) if max_tiles is None else max_tiles
+        self.ahead_bytes = DECODE_AHEAD_BYTES  # decoded pixels ahead of the tiler, and pending writes
+        self.credited: dict[Path, float] = {}  # input path -> the part of it the bar shows done
+        self.write_bytes = 0
 
     def run(self, items: list[InputImage], started: float) -> None:
-        from tqdm import tqdm
-
         stop = threading.Event()
-        self.bar = tqdm(total=len(items), unit="img", disable=not self.progress, dynamic_ncols=True)
+        self.bar = progress_bar(len(items), self.progress)
         pool = ThreadPoolExecutor(self.workers, "fcn-deploy-io")
         stitch = ThreadPoolExecutor(1, "fcn-deploy-stitch")  # one thread: stitching in batch order
         self.pool, self.writes = pool, deque()
@@ -337,13 +399,14 @@ class _Pipeline:
                 output: Output = "labels" if batch.single_tiles and not self.save_logits else "logits"
                 result = self.seg.run_batch(batch.tiles, output, len(batch.keys))
                 last = time.perf_counter()
+                self._advance(batch)
                 pending.append(stitch.submit(self._stitch, batch, result, output))
                 while len(pending) > 2:
                     pending.popleft().result()
             while pending:
                 pending.popleft().result()
             while self.writes:
-                self.writes.popleft().result()
+                self.writes.popleft()[0].result()
             if last is not None:
                 self.summary.drain_s = time.perf_counter() - last
         finally:
@@ -362,11 +425,26 @@ class _Pipeline:
         self.records.append(ImageRecord(str(item.path), str(mask), "ok" if error is None else "failed", error, tiles,
                                         round(seconds, 4)))
 
+    def _advance(self, batch: Batch) -> None:
+        """Move the bar by the tiles of ``batch``: each tile is 1/(its image's tiles) of an image."""
+        step = 0.0
+        with self.lock:
+            for job, _ in batch.keys:
+                part = 1.0 / job.grid.count
+                path = job.key.path
+                self.credited[path] = self.credited.get(path, 0.0) + part
+                step += part
+            self.bar.update(step)
+
+    def _finish_bar(self, item: InputImage) -> None:
+        """(lock held) The bar's remaining part of ``item``: it is done, written or failed."""
+        self.bar.update(max(0.0, 1.0 - self.credited.pop(item.path, 0.0)))
+
     def _record_failure(self, item: InputImage, message: str) -> None:
         with self.lock:
             self.summary.failed.append((str(item.path), message))
             self._record(item, message)
-            self.bar.update(1)
+            self._finish_bar(item)
 
     def _decode(self, path: Path) -> np.ndarray:
         with self.clock("decode"):
@@ -387,24 +465,57 @@ class _Pipeline:
         spent waiting for decodes go to ``waited[0]``."""
         todo = iter(items)
         lookahead = self.workers + 2
-        reads: deque[tuple[InputImage, Future]] = deque()
+        reads: deque[tuple[InputImage, Future, int]] = deque()
         work = self._read if self.decode == "gpu" else self._decode
+        waiting: list[tuple[InputImage, int]] = []  # the next item, its header read, not admitted yet
+        held = [0]  # decoded bytes of the items in ``reads``
+
+        def admit() -> None:
+            """Submit reads in order while fewer than ``lookahead`` are out and their decoded
+            bytes fit :attr:`ahead_bytes` (always at least one); an image over the work limit
+            fails here, from its header, before it is decoded."""
+            while len(reads) < lookahead:
+                if not waiting:
+                    item = next(todo, None)
+                    if item is None:
+                        return
+                    with self.clock("decode"):  # PIL parses the header: part of decoding
+                        size = read_size(item.path)
+                    nbytes = 0
+                    if size is not None:
+                        h, w = size
+                        nbytes = h * w * 3
+                        if h * w <= max_pixels():  # else decoding refuses it by its pixels, in one line
+                            try:
+                                check_tiles(item.path, h, w, self.seg.plan(h, w).count, self.seg.tile_hw,
+                                            self.max_tiles)
+                            except ImageReadError as exc:
+                                self.started[item.path] = time.perf_counter()
+                                self._record_failure(item, str(exc))
+                                continue
+                    waiting.append((item, nbytes))
+                item, nbytes = waiting[0]
+                if reads and held[0] + nbytes > self.ahead_bytes:
+                    return
+                waiting.pop()
+                held[0] += nbytes
+                self.started[item.path] = time.perf_counter()
+                reads.append((item, pool.submit(work, item.path), nbytes))
 
         def ready() -> tuple[InputImage, Any] | None:
             """The next read (or, on the CPU path, decoded) item in order; None when none is left."""
             while True:
-                while len(reads) < lookahead and (item := next(todo, None)) is not None:
-                    self.started[item.path] = time.perf_counter()
-                    reads.append((item, pool.submit(work, item.path)))
+                admit()
                 if not reads:
                     return None
-                item, future = reads.popleft()
+                item, future, nbytes = reads.popleft()
                 start = time.perf_counter()
                 try:
                     return item, future.result()
                 except ImageReadError as exc:
                     self._record_failure(item, str(exc))
                 finally:
+                    held[0] -= nbytes
                     waited[0] += time.perf_counter() - start
 
         if self.decode != "gpu":
@@ -475,9 +586,13 @@ class _Pipeline:
         if self.full_disk is not None:
             raise self.full_disk
         for job in self.seg.add_results(batch, result, output):
-            self.writes.append(self.pool.submit(self._write, job))
-            while len(self.writes) > 2 * self.workers:
-                self.writes.popleft().result()
+            nbytes = job.grid.height * job.grid.width * (4 if self.overlay else 1)  # labels (+ the photo)
+            self.writes.append((self.pool.submit(self._write, job), nbytes))
+            self.write_bytes += nbytes
+            while len(self.writes) > 2 * self.workers or (len(self.writes) > 1 and self.write_bytes > self.ahead_bytes):
+                future, done = self.writes.popleft()
+                future.result()
+                self.write_bytes -= done
 
     def _open_logits(self, job: ImageJob, num_classes: int) -> np.memmap:
         stack = contextlib.ExitStack()
@@ -526,4 +641,4 @@ class _Pipeline:
         with self.lock:
             self.summary.images += 1
             self._record(item, None, job.grid.count, mask)
-            self.bar.update(1)
+            self._finish_bar(item)

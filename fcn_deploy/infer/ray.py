@@ -78,7 +78,8 @@ class _InferWorker:
         if cfg["slow_s"]:
             time.sleep(cfg["slow_s"] * len(items))  # tests only: a run long enough to kill a worker
         records = segment_items(self.seg, items, Path(cfg["output"]), InferSummary(), overlay=cfg["overlay"],
-                                save_logits=cfg["save_logits"], workers=cfg["workers"], progress=False)
+                                save_logits=cfg["save_logits"], workers=cfg["workers"], progress=False,
+                                max_tiles=cfg.get("max_tiles"))
         rows = {name: [getattr(r, name) for r in records] for name in MANIFEST_FIELDS[:6]}
         rows["error"] = [e or "" for e in rows["error"]]  # one column type for Arrow
         rows["worker"] = [worker_id()] * len(records)
@@ -86,6 +87,15 @@ class _InferWorker:
         rows["pid"] = [os.getpid()] * len(records)
         rows["ready"] = [self.ready] * len(records)
         return rows
+
+
+def manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """The manifest's JSON lines (:data:`MANIFEST_FIELDS`), UTF-8, for any file name: a name that
+    is no valid UTF-8 (bytes kept by Python as lone surrogates, ``os.fsdecode``) is written as
+    JSON ``\\udcXX`` escapes, which ``json.loads`` reads back into the same str
+    (``os.fsencode`` gives the original bytes); every other character is kept as is."""
+    text = "".join(json.dumps({k: r[k] for k in MANIFEST_FIELDS}, ensure_ascii=False) + "\n" for r in rows)
+    return text.encode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -126,6 +136,8 @@ def run_inference_ray(
     num_cpus: int | None = None,
     runner_options: dict[str, Any] | None = None,
     max_pixels: int | None = None,
+    keep_extension: bool = False,
+    max_tiles: int | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     slow_s: float = 0.0,
 ) -> RayInferResult:
@@ -139,15 +151,16 @@ def run_inference_ray(
     to CUDA on the driver, else 0; fractions share a GPU); ``workers`` are each actor's decode
     and encode threads; ``runner_options`` go to :func:`~fcn_deploy.runners.create_runner`
     (e.g. ``tile_hw``, ``threads``); ``max_pixels`` is the workers' image size limit
-    (:func:`~fcn_deploy.images.set_max_pixels`). ``num_cpus`` sizes a local cluster this call
+    (:func:`~fcn_deploy.images.set_max_pixels`), ``max_tiles`` their work limit and
+    ``keep_extension`` the naming, as in :func:`~fcn_deploy.infer.run_inference`. ``num_cpus`` sizes a local cluster this call
     starts. ``on_row`` is called with each row as it arrives and ``slow_s`` delays each image in
     the workers (both for tests and benchmarks).
     A cluster this call started is shut down at the end.
     """
-    from tqdm import tqdm
-
     from fcn_deploy.fileio import write_bytes_atomic
-    from fcn_deploy.infer.pipeline import plan_inputs
+    from fcn_deploy.infer.inputs import write_marker
+    from fcn_deploy.infer.limits import check_max_tiles
+    from fcn_deploy.infer.pipeline import plan_inputs, progress_bar
     from fcn_deploy.infer.outputs import MASK_SUFFIX, output_path
     from fcn_deploy.tiling import DEFAULT_OVERLAP, DEFAULT_WINDOW
 
@@ -157,18 +170,23 @@ def run_inference_ray(
         raise UsageError(f"--ray-cpus-per-worker must be > 0, not {cpus_per_worker}")
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be >= 1, not {workers}")
+    check_max_tiles(max_tiles)
     import_ray()  # before any work: a missing extra is the first thing said
     address = check_address(address)
     gpus = _gpus(backend, device, gpus_per_worker)
     model_path, precision = resolve_artifact(backend, model, precision)
+    if not os.fspath(output_dir):
+        raise UsageError("-o is empty: name an output folder (e.g. -o predictions)")
     out = Path(os.path.abspath(output_dir))
     items, out, summary, skipped = plan_inputs([os.path.abspath(p) for p in paths], out, overlay=overlay,
-                                               save_logits=save_logits, skip_existing=skip_existing)
+                                               save_logits=save_logits, skip_existing=skip_existing,
+                                               keep_extension=keep_extension)
     config = {"backend": backend, "model": model_path, "device": device, "precision": precision,
               "batch_size": batch_size, "overlap": DEFAULT_OVERLAP if overlap is None else overlap,
               "window": window or DEFAULT_WINDOW, "assembler": assembler, "output": str(out),
               "overlay": overlay, "save_logits": save_logits, "workers": workers or max(1, int(cpus_per_worker)),
-              "slow_s": slow_s, "runner_options": dict(runner_options or {}), "max_pixels": max_pixels}
+              "slow_s": slow_s, "runner_options": dict(runner_options or {}), "max_pixels": max_pixels,
+              "max_tiles": max_tiles}
     mask = lambda item: str(output_path(out, item.rel_stem, MASK_SUFFIX))  # noqa: E731
     rows: dict[str, dict[str, Any]] = {}
     for path, message in summary.failed:
@@ -184,10 +202,11 @@ def run_inference_ray(
         check_resources(ray, ray_workers, cpus_per_worker, gpus)
         if items:
             out.mkdir(parents=True, exist_ok=True)
+            write_marker(out)
             ds = map_workers(ray, [{"input": str(i.path), "stem": str(i.rel_stem)} for i in items], _InferWorker,
                               config, workers=ray_workers, cpus=cpus_per_worker, gpus=gpus,
                               images_per_batch=images_per_batch)
-            with tqdm(total=len(items), unit="img", disable=not progress, dynamic_ncols=True) as bar, \
+            with progress_bar(len(items), progress) as bar, \
                     contextlib.closing(stream_rows(ds)) as stream:
                 for row in stream:
                     row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
@@ -213,8 +232,6 @@ def run_inference_ray(
     if missing:  # every batch either returned or raised; this guards the bookkeeping
         raise FcnDeployError(f"--ray: {len(missing)} images came back without a result, e.g. {missing[0]}")
     manifest = out / MANIFEST_NAME
-    if ordered:
-        out.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps({k: r[k] for k in MANIFEST_FIELDS}, ensure_ascii=False) + "\n" for r in ordered)
-        write_bytes_atomic(manifest, text.encode())
+    if ordered and out.is_dir():  # a run that found nothing to do (a missing input) creates no folder
+        write_bytes_atomic(manifest, manifest_bytes(ordered))
     return RayInferResult(summary, manifest, ordered, startup, ray_workers, gpus, sorted(workers_seen))
