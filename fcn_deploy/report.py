@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from fcn_deploy.fileio import atomic_path
+from fcn_deploy.fileio import save_image
 from fcn_deploy.defaults import IGNORE_INDEX, VOID_COLOR
 
 #: Colour of the pixels where a backend and the reference disagree (bright magenta).
@@ -29,9 +29,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 array as a PNG, atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb, "RGB").save(tmp, format="PNG")
+    """Write an (H, W, 3) uint8 array as a PNG, atomically and verified
+    (:func:`fcn_deploy.fileio.save_image`: a full disk never leaves a truncated PNG)."""
+    save_image(path, Image.fromarray(rgb, "RGB"), "PNG")
 
 
 def disagreement_map(rgb: np.ndarray, mask: np.ndarray, dim: float = 0.35, halo: int = 3) -> np.ndarray:
