@@ -52,8 +52,11 @@ class _Group(click.Group):
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        from fcn_deploy.runners.device import announce_devices
+
         try:
-            return super().invoke(ctx)
+            with announce_devices():  # "device: ..." on stderr in a command; library calls stay silent
+                return super().invoke(ctx)
         except FcnDeployError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -124,7 +127,12 @@ def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, devi
                     pretrained=pretrained, num_workers=num_workers, seed=seed, force=force, max_train_images=max_train_images,
                     progress=_show_progress())
     last = history[-1] if history else {}
-    scores = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_miou", "val_pixel_acc") if last.get(k) is not None)
+    scores = ", ".join(f"{name} {100 * last[k]:.2f}%" for k, name in (("val_miou", "val mIoU"), ("val_pixel_acc", "val pixel acc"))
+                       if last.get(k) is not None)
+    if not history.trained:
+        click.echo(f"{output} has {len(history)} epochs already ({scores}), --epochs {epochs}: nothing to do, "
+                   f"nothing written; pass a larger --epochs to train more")
+        return
     click.echo(f"{len(history)} epochs ({scores}); wrote {output} and {history_path(output)}")
 
 # --- export (fcn_deploy.export) -----------------------------------------------------------
@@ -314,7 +322,7 @@ def serve_cmd(backend, model, device, replicas, host, port, ray_address, batch_s
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--threshold", "thresholds", multiple=True, metavar="PREC.METRIC=VALUE", help="Override a limit (repeatable), e.g. fp16.agreement=99 or fp32.max_abs=off. Percentages in % (99.9, not 0.999). Metrics: agreement, max_abs, mean_abs, p99_abs, cosine_min, miou_vs_reference, miou_gt_change.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--disagreement-dir", type=click.Path(file_okay=False), help="Disagreement map PNGs of the worst tiles (default: <report>-disagreement/ or check/).")
+@click.option("--disagreement-dir", type=click.Path(file_okay=False), help="Disagreement map PNGs of the worst tiles (default: <report>-disagreement/; without --report, check/ and only for a failing backend).")
 @click.option("--device", default="auto", show_default=True, help="Device of the backends: auto (CUDA when a GPU and the backend's GPU runtime are present, else CPU; printed), cpu, cuda or cuda:N. The float32 reference runs on the CPU.")
 @click.option("--strict", is_flag=True, help="A requested backend that cannot be checked (missing, stale) is an error.")
 @click.option("--force", is_flag=True, help="Overwrite --report.")

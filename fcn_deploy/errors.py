@@ -86,6 +86,11 @@ class ExportError(FcnDeployError):
     """ONNX export or one of its graph checks failed."""
 
 
+class ArtifactMetadataError(ExportError):
+    """An artifact's fcn-deploy metadata has a key of the wrong kind (e.g. ``std`` with a zero,
+    ``mean`` not three numbers): the message names the file and the key."""
+
+
 class VerificationError(FcnDeployError):
     """A backend's output differs from the reference beyond the thresholds."""
 

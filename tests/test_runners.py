@@ -269,7 +269,7 @@ def test_factory_missing_defaults_name_the_command(tmp_path, monkeypatch):
     with pytest.raises(ArtifactNotFoundError) as err:
         create_runner("ort")
     assert str(err.value) == "ONNX model export/fcn.onnx not found; run `fcn-deploy export model.pt` first"
-    with pytest.raises(ArtifactNotFoundError, match=r"out/fcn.fp16.onnx not found; run `fcn-deploy export model.pt --fp16`"):
+    with pytest.raises(ArtifactNotFoundError, match=r"out/fcn.fp16.onnx not found; run `fcn-deploy export model.pt -o out/fcn.onnx --fp16`"):
         create_runner("ort-fp16", export_dir="out")
 
 
@@ -355,15 +355,33 @@ def test_fixed_batch_runner_pads_a_short_tensor_batch(onnx_path, tmp_path):
 def test_resolve_device_on_this_machine(capsys):
     from fcn_deploy.runners.device import resolve_device
 
+    from fcn_deploy.runners.device import announce_devices
+
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("torch", "auto") == expected
+    assert resolve_device("torch", "auto") == expected  # a library call: silent (issue 24)
+    assert capsys.readouterr() == ("", "")
+    with announce_devices():  # as in every command
+        assert resolve_device("torch", "auto") == expected
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"device: {expected} (") and "\n" not in line
     if expected == "cpu":
         assert line == "device: cpu (no CUDA GPU)"
-        assert resolve_device("ort") == "cpu"
+        with announce_devices():
+            assert resolve_device("ort") == "cpu"
     assert resolve_device("trt", "auto", echo=None) == "cuda:0"  # TensorRT always runs on a GPU
     assert capsys.readouterr().err.count("device:") == (1 if expected == "cpu" else 0)
+
+
+def test_resolve_device_trt_without_gpu_announces_nothing(monkeypatch):
+    """issue 24: ``--backend trt`` without a GPU printed "device: cuda:0" before its no-GPU error."""
+    from fcn_deploy.runners import device
+
+    monkeypatch.setattr(device, "cuda_gpu", lambda: (False, "no CUDA GPU"))
+    lines: list[str] = []
+    assert device.resolve_device("trt", "auto", echo=lines.append) == "cuda:0" and lines == []
+    monkeypatch.setattr(device, "cuda_gpu", lambda: (True, "NVIDIA H200"))
+    assert device.resolve_device("trt", "auto", echo=lines.append) == "cuda:0"
+    assert lines == ["device: cuda:0 (NVIDIA H200)"]
 
 
 def test_resolve_device_explicit_values_are_normalised(capsys):
@@ -425,9 +443,12 @@ def test_factory_auto_device_picks_the_backend_runtime(fake_gpu, monkeypatch, ch
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    torch_runner = create_runner("torch", checkpoint_path)
+    from fcn_deploy.runners.device import announce_devices
+
+    with announce_devices():
+        torch_runner = create_runner("torch", checkpoint_path)
+        ort = create_runner("ort", tmp_path / "m.onnx")
     assert torch_runner.device == "cuda:0" and torch_runner.channels_last is False
-    ort = create_runner("ort", tmp_path / "m.onnx")
     assert ort.providers == ("cuda",) and ort.device == "cuda:0"
     assert capsys.readouterr().err.splitlines() == ["device: cuda:0 (Fake GPU)"] * 2
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
@@ -541,11 +562,11 @@ def test_every_command_refuses_a_stale_onnx_the_same_way(checkpoint_path, onnx_p
     onnx.save(model, export / "fcn.onnx")  # new bytes: the fixture's fcn.fp16.onnx is now stale
     shutil.copy(fp16_onnx_path, export / "fcn.fp16.onnx")
     assert resolve("ort", export_dir=export).stale is None
-    with pytest.raises(StaleArtifactError, match=r"fcn.fp16.onnx is stale: made from a fcn.onnx .*rebuild it: fcn-deploy export"):
+    with pytest.raises(StaleArtifactError, match=r"fcn.fp16.onnx is stale for .*fcn.onnx: it was made from .*fcn.onnx .*to make it from .*: fcn-deploy export"):
         create_runner("ort-fp16", export_dir=export)
     torch.manual_seed(3)
     save_checkpoint(ckpt, FCN().eval())  # the checkpoint changes: fcn.onnx is stale too
-    with pytest.raises(StaleArtifactError, match=r"fcn.onnx is stale: made from a model.pt with sha256 \w+, but .*model.pt now has"):
+    with pytest.raises(StaleArtifactError, match=r"fcn.onnx is stale: .*model.pt has changed since it was made from it \(sha256 \w+ then, \w+ now\)"):
         create_runner("ort", export_dir=export)
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -235,9 +235,9 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:  # DecodeError, missing external data, ...
             raise ExportError(f"{self.path} is not a readable ONNX model: {first_line(exc)}") from None
         spec = self._check_io(model)
-        from fcn_deploy.artifacts import meta_from_model
+        from fcn_deploy.artifacts import check_normalization, meta_from_model
 
-        meta = dict(meta_from_model(model, str(self.path)))
+        meta = dict(check_normalization(meta_from_model(model, str(self.path)), str(self.path), required=True))
         classes = _dims(model.graph.output[0])[1]
         if isinstance(classes, int) and classes != meta.get("num_classes", classes):
             raise ExportError(

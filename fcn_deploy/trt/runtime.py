@@ -44,6 +44,7 @@ from fcn_deploy.trt.sidecar import (
     engine_mismatch,
     gpu_info,
     read_sidecar,
+    sidecar_path,
     rebuild_hint,
 )
 
@@ -274,6 +275,9 @@ class TensorRTRunner(Runner):
             ) from None
         if reason is not None:
             raise EngineError(f"{self.engine_path.name}: {reason}; rebuild it: {rebuild_hint(sidecar)}")
+        from fcn_deploy.artifacts import check_normalization
+
+        check_normalization(sidecar, str(sidecar_path(self.engine_path)))
         try:
             self._load(trt, sidecar)
         except BaseException:
