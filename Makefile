@@ -4,8 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# cpu or gpu (one onnxruntime distribution), never both; ray: infer/evaluate --ray
-EXTRAS ?= cpu,test,rtx,ray
+# cpu or gpu (one onnxruntime distribution), never both; ray: infer/evaluate --ray; serve: fcn-deploy serve
+EXTRAS ?= cpu,test,rtx,ray,serve
 
 .PHONY: demo test mutate venv clean
 

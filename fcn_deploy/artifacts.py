@@ -29,12 +29,13 @@ Keys::
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from fcn_deploy import __version__
-from fcn_deploy.errors import ArtifactNotFoundError, ArtifactReadError, first_line
+from fcn_deploy.errors import ArtifactMetadataError, ArtifactNotFoundError, ArtifactReadError, first_line
 from fcn_deploy.fileio import sha256_file
 
 #: ``metadata_props`` key holding the metadata as JSON.
@@ -101,14 +102,39 @@ def embed_meta(model, meta: dict[str, Any]) -> None:
     entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
 
 
+def check_normalization(meta: dict[str, Any], source: str, required: bool = False) -> dict[str, Any]:
+    """Refuse metadata whose ``mean`` / ``std`` cannot normalise an image: each must be a list of
+    3 finite numbers, ``std`` all > 0 (a zero std makes every pixel inf, clipped to 255 by nothing
+    downstream). :class:`~fcn_deploy.errors.ArtifactMetadataError` names ``source`` (the file) and
+    the key. ``required``: a missing key is refused too. Returns ``meta``."""
+    if not isinstance(meta, dict):
+        raise ArtifactMetadataError(f"{source}: fcn-deploy metadata is a {type(meta).__name__}, not an object")
+    for key in ("mean", "std"):
+        if key not in meta:
+            if required:
+                raise ArtifactMetadataError(f"{source}: metadata has no '{key}' (3 numbers); re-export it")
+            continue
+        value = meta[key]
+        numbers = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not numbers or (key == "std" and min(value) <= 0):
+            what = "3 finite numbers > 0" if key == "std" else "3 finite numbers"
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ArtifactMetadataError(f"{source}: metadata '{key}' must be {what}, got {shown}; re-export it")
+    return meta
+
+
 def meta_from_model(model, source: str = "model") -> dict[str, Any]:
-    """The metadata dict embedded in an ``onnx.ModelProto`` (``source`` names it in errors)."""
+    """The metadata dict embedded in an ``onnx.ModelProto`` (``source`` names it in errors);
+    its ``mean`` / ``std`` checked by :func:`check_normalization`."""
     for prop in model.metadata_props:
         if prop.key == META_KEY:
             try:
-                return json.loads(prop.value)
+                meta = json.loads(prop.value)
             except json.JSONDecodeError as exc:
                 raise ArtifactReadError(f"{source}: metadata '{META_KEY}' is not valid JSON ({exc})") from None
+            return check_normalization(meta, source)
     raise ArtifactReadError(
         f"{source} carries no fcn-deploy metadata (metadata_props['{META_KEY}']); "
         "export it with `fcn-deploy export`"
@@ -131,7 +157,7 @@ def read_artifact_meta(path: str | os.PathLike) -> dict[str, Any]:
             raise ArtifactReadError(f"{path} is not a JSON metadata sidecar ({exc})") from None
         if not isinstance(meta, dict) or "tile_hw" not in meta:
             raise ArtifactReadError(f"{path} is not an fcn-deploy metadata sidecar")
-        return meta
+        return check_normalization(meta, str(path))
     return meta_from_model(load_onnx(path), str(path))
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from fcn_deploy import __version__
 from fcn_deploy.errors import UsageError
 from fcn_deploy.fileio import check_writable, write_json_atomic
+from fcn_deploy.outpaths import check_distinct_paths
 
 #: Installed distributions whose versions a report records (plus any ``tensorrt*``).
 _VERSIONED = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy")
@@ -154,6 +155,36 @@ def _check_bench_args(batch_sizes: Sequence[int], warmup: int, iterations: int) 
     return sizes
 
 
+def _check_batch_memory(batch_sizes: Sequence[int], runner, name: str) -> None:
+    """Refuse (one line, as ``infer --batch-size``) a batch size whose float32 tiles and logits
+    exceed :func:`fcn_deploy.infer.limits.batch_memory_limit`, before any tile is made."""
+    from fcn_deploy.infer.limits import batch_bytes, batch_memory_limit
+
+    limit = batch_memory_limit()
+    num_classes = int(runner.meta.get("num_classes") or len(runner.meta["classes"]))
+    tile_hw = tuple(runner.tile_hw)
+    for bs in batch_sizes:
+        need = batch_bytes(bs, tile_hw, num_classes)
+        if need > limit:
+            fits = max(1, limit // batch_bytes(1, tile_hw, num_classes))
+            raise UsageError(
+                f"--batch-sizes {bs}: a batch of {tile_hw[0]}x{tile_hw[1]} tiles and their {num_classes}-class "
+                f"logits needs {need / 2**30:.1f} GiB of memory, more than the {limit / 2**30:.1f} GiB allowed "
+                f"for {name} (half the RAM, at most 16 GiB); use batch sizes of {fits} or less")
+
+
+def _check_images(images) -> None:
+    """``--images``: a folder holding at least one image (as ``check --images``)."""
+    if images is None:
+        return
+    from fcn_deploy.infer.inputs import find_images
+
+    if not Path(images).is_dir():
+        raise UsageError(f"--images {images} is not a folder")
+    if not find_images([images]):
+        raise UsageError(f"--images {images}: no images found in it")
+
+
 def _timed_call(runner, batch: np.ndarray) -> Callable[[], Any]:
     """What a timed call runs: ``run_staged`` on inputs staged where the runner computes, else
     ``infer`` on host arrays."""
@@ -209,6 +240,7 @@ def bench_compare(
                                  f"{names[0]} {tile_hw[0]}x{tile_hw[1]}: compare artifacts of one export")
             if runner.max_batch is not None and max(batch_sizes) > runner.max_batch:
                 raise UsageError(f"--batch-sizes {max(batch_sizes)}: this {name} artifact takes at most {runner.max_batch}")
+            _check_batch_memory(batch_sizes, runner, name)
         meta = runners[0].meta
         tiles = random_tiles(max(batch_sizes), tile_hw, meta["mean"], meta["std"])
         rows: list[list[dict[str, Any]]] = [[] for _ in runners]
@@ -314,10 +346,10 @@ def bench(
     from fcn_deploy.runners import open_runner
 
     batch_sizes = _check_bench_args(batch_sizes, warmup, iterations)
-    if images is not None and not Path(images).is_dir():
-        raise UsageError(f"--images {images} is not a folder")
+    _check_images(images)
     if decode != "cpu" and images is None:
         raise UsageError("--decode applies to the pipeline run of --images")
+    check_distinct_paths({"--report": report}, {"--model": model, "--images": images})
     if report is not None:
         report = check_writable(report, force)
     runner = open_runner(
@@ -328,6 +360,7 @@ def bench(
         too_big = [b for b in batch_sizes if runner.max_batch is not None and b > runner.max_batch]
         if too_big:
             raise UsageError(f"--batch-sizes {too_big[0]}: this {backend} artifact takes at most {runner.max_batch}")
+        _check_batch_memory(batch_sizes, runner, backend)
         tiles = random_tiles(max(batch_sizes), runner.tile_hw, runner.meta["mean"], runner.meta["std"])
         staged_ok = hasattr(runner, "stage") and hasattr(runner, "run_staged")
         engine = []

@@ -126,9 +126,25 @@ def onnx_staleness(path: str | os.PathLike, parent: str | os.PathLike | None = N
                 if parent_required else None)
     current = sha256_file(parent)
     if recorded["sha256"] != current:
-        return (f"{path} is stale: made from a {parent.name} with sha256 {recorded['sha256'][:12]}, "
-                f"but {parent} now has {current[:12]}; rebuild it: {_rebuild_command(path, meta, parent)}")
+        rebuild = _rebuild_command(path, meta, parent)
+        old = recorded["sha256"][:12]
+        source = Path(recorded["path"]) if recorded.get("path") else None
+        if source is None or _same_file(source, parent):
+            return (f"{path} is stale: {parent} has changed since it was made from it (sha256 {old} then, "
+                    f"{current[:12]} now); rebuild it: {rebuild}")
+        # the caller names another parent than the one it was made from (check --model OTHER)
+        use = ""
+        if meta.get("precision") == "fp32" and source.is_file() and sha256_file(source) == recorded["sha256"]:
+            use = f"to use it, name {source} as its checkpoint (check: --model {source}); "
+        return (f"{path} is stale for {parent}: it was made from {source} (sha256 {old}), not from {parent} "
+                f"({current[:12]}); {use}to make it from {parent}: {rebuild}")
     return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    from fcn_deploy.outpaths import same_file
+
+    return same_file(a, b)
 
 
 def resolve(
@@ -186,7 +202,7 @@ def _resolve_onnx(spec, model, export_dir: Path, precision, checkpoint) -> Resol
         if model is not None:
             return Resolved(spec.name, path, "onnx", own)
         label = "ONNX model" if own == "fp32" else f"{tag.upper()} ONNX model"
-        raise ArtifactNotFoundError(f"{label} {path} not found; run `{spec.build_command}` first")
+        raise ArtifactNotFoundError(f"{label} {path} not found; run `{_build_hint(spec, checkpoint, fp32)}` first")
     required = checkpoint is not None
     try:
         if own == "fp32":
@@ -201,6 +217,18 @@ def _resolve_onnx(spec, model, export_dir: Path, precision, checkpoint) -> Resol
             return Resolved(spec.name, path, "onnx", own)
         raise
     return Resolved(spec.name, path, "onnx", own, reason)
+
+
+def _build_hint(spec, checkpoint, fp32: Path) -> str:
+    """The backend's build command with the paths of this call: ``checkpoint`` for model.pt and
+    ``-o fp32`` when the export folder is not the default one (e.g. the demo's)."""
+    command = spec.build_command
+    if checkpoint is not None:
+        command = command.replace(" model.pt", f" {checkpoint}", 1)
+    if command.startswith("fcn-deploy export ") and fp32 != Path(DEFAULT_EXPORT_DIR) / ONNX_NAME:
+        head, sep, options = command.partition(" --")
+        command = f"{head} -o {fp32}{sep}{options}"
+    return command
 
 
 def _resolve_engine(spec, model, export_dir: Path, engines_dir: Path, precision, checkpoint) -> Resolved:

@@ -4,7 +4,6 @@ library function. Errors of type :class:`~fcn_deploy.errors.FcnDeployError` beco
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
@@ -53,8 +52,11 @@ class _Group(click.Group):
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        from fcn_deploy.runners.device import announce_devices
+
         try:
-            return super().invoke(ctx)
+            with announce_devices():  # "device: ..." on stderr in a command; library calls stay silent
+                return super().invoke(ctx)
         except FcnDeployError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -82,23 +84,6 @@ def cli() -> None:
     fcn-deploy infer photos/ -o out/    tiled inference of any image size
     fcn-deploy check                    parity of every backend against PyTorch
     """
-    _log_to_stderr()
-
-
-class _EchoHandler(logging.Handler):
-    """The ``fcn_deploy`` logger's INFO lines (the device chosen, ...) as plain lines on stderr."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        click.echo(self.format(record), err=True)
-
-
-def _log_to_stderr() -> None:
-    """Once per process: the library's log lines go to stderr, unprefixed (a Python caller of the
-    library sees them only if it configures logging)."""
-    log = logging.getLogger("fcn_deploy")
-    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
-        log.addHandler(_EchoHandler())
-        log.setLevel(logging.INFO)
 
 
 # --- data and training (fcn_deploy.voc, fcn_deploy.train) -------------------------------
@@ -142,7 +127,12 @@ def train_cmd(voc_root, output, epochs, lr, weight_decay, batch_size, crop, devi
                     pretrained=pretrained, num_workers=num_workers, seed=seed, force=force, max_train_images=max_train_images,
                     progress=_show_progress())
     last = history[-1] if history else {}
-    scores = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_miou", "val_pixel_acc") if last.get(k) is not None)
+    scores = ", ".join(f"{name} {100 * last[k]:.2f}%" for k, name in (("val_miou", "val mIoU"), ("val_pixel_acc", "val pixel acc"))
+                       if last.get(k) is not None)
+    if not history.trained:
+        click.echo(f"{output} has {len(history)} epochs already ({scores}), --epochs {epochs}: nothing to do, "
+                   f"nothing written; pass a larger --epochs to train more")
+        return
     click.echo(f"{len(history)} epochs ({scores}); wrote {output} and {history_path(output)}")
 
 # --- export (fcn_deploy.export) -----------------------------------------------------------
@@ -280,6 +270,44 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
     click.echo(summary.format())
     sys.exit(1 if summary.failed else 0)
 
+# --- serving (fcn_deploy.serve) ---------------------------------------------------------------
+# [cli:serve]
+@cli.command("serve")
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False), help="Artifact (default: the chain in export/, engines/, model.pt).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when a GPU and the backend's GPU runtime are present, else CPU; printed), cpu, cuda or cuda:N.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Model replicas, each one runner.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Join a Ray cluster as infer --ray does: no ADDRESS (RAY_ADDRESS, a running local cluster or a new one), "
+                   "local, auto or ray://host:port. Default: a private local cluster.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per engine batch, across requests.")
+@click.option("--batch-wait", type=click.FloatRange(min=0), default=0.01, show_default=True, help="Seconds a batch that is not full waits for more tiles.")
+@click.option("--overlap", type=click.IntRange(min=0), default=128, show_default=True, help="Minimum overlap of neighbouring tiles in pixels (as infer).")
+@click.option("--window", type=click.Choice(["hann", "uniform"]), default="hann", show_default=True, help="Weighting of overlapping logits (as infer).")
+@click.option("--max-ongoing", type=click.IntRange(min=1), default=16, show_default=True, help="Requests one replica works on at once.")
+@click.option("--max-queued", type=click.IntRange(min=0), default=64, show_default=True, help="Requests waiting for a replica beyond those; more get 503.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds a request may take; past it: 504.")
+@click.option("--retry-after", type=click.IntRange(min=0), default=1, show_default=True, help="Retry-After seconds of a 503.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=32 << 20, show_default=True, help="Largest request body; larger: 413.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=1 << 25, show_default=True, help="Largest image, from its header, before decoding; larger: 413.")
+@click.option("--max-logits-bytes", type=click.IntRange(min=1), default=64 << 20, show_default=True, help="Largest output=logits answer; larger: 413.")
+@click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True, help="CPUs Ray reserves per model replica.")
+@click.option("--replica-gpus", type=click.FloatRange(min=0), help="GPUs per model replica, fractions allowed (default: 1 on CUDA, else 0).")
+def serve_cmd(backend, model, device, replicas, host, port, ray_address, batch_size, batch_wait, overlap, window, max_ongoing,
+              max_queued, timeout, retry_after, max_body_bytes, max_pixels, max_logits_bytes, replica_cpus, replica_gpus) -> None:
+    """Serve the model over HTTP on Ray Serve: POST an image to /v1/segment, get its mask (docs/serving.md)."""
+    from fcn_deploy.serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        backend=backend, model=model, device=device, replicas=replicas, host=host, port=port, batch_size=batch_size,
+        batch_wait_s=batch_wait, overlap=overlap, window=window, max_ongoing=max_ongoing, max_queued=max_queued,
+        timeout_s=timeout, retry_after_s=retry_after, max_body_bytes=max_body_bytes, max_pixels=max_pixels,
+        max_logits_bytes=max_logits_bytes, replica_cpus=replica_cpus, replica_gpus=replica_gpus)
+    serve(settings, ray_address=ray_address, echo=lambda line: click.echo(line, err=True))
+
+
 # --- parity, evaluation, benchmarks (fcn_deploy.parity, fcn_deploy.evaluate, fcn_deploy.bench)
 # [cli:check]
 @cli.command("check")
@@ -294,7 +322,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--threshold", "thresholds", multiple=True, metavar="PREC.METRIC=VALUE", help="Override a limit (repeatable), e.g. fp16.agreement=99 or fp32.max_abs=off. Percentages in % (99.9, not 0.999). Metrics: agreement, max_abs, mean_abs, p99_abs, cosine_min, miou_vs_reference, miou_gt_change.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--disagreement-dir", type=click.Path(file_okay=False), help="Disagreement map PNGs of the worst tiles (default: <report>-disagreement/ or check/).")
+@click.option("--disagreement-dir", type=click.Path(file_okay=False), help="Disagreement map PNGs of the worst tiles (default: <report>-disagreement/; without --report, check/ and only for a failing backend).")
 @click.option("--device", default="auto", show_default=True, help="Device of the backends: auto (CUDA when a GPU and the backend's GPU runtime are present, else CPU; printed), cpu, cuda or cuda:N. The float32 reference runs on the CPU.")
 @click.option("--strict", is_flag=True, help="A requested backend that cannot be checked (missing, stale) is an error.")
 @click.option("--force", is_flag=True, help="Overwrite --report.")

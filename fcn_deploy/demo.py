@@ -120,7 +120,7 @@ def _train(s: DemoSettings, r: DemoResult, progress: bool) -> str:
     r.numbers["train_val_miou"] = last.get("val_miou")
     miou = last.get("val_miou")
     return (f"{len(history)} epochs, train loss {last['train_loss']:.3f}, validation mIoU "
-            f"{'n/a' if miou is None else f'{miou:.3f}'} -> {r.paths['model']}")
+            f"{'n/a' if miou is None else f'{100 * miou:.2f}%'} -> {r.paths['model']}")
 
 
 def _export(r: DemoResult) -> str:

@@ -91,6 +91,11 @@ class ExportError(FcnDeployError):
     """ONNX export or one of its graph checks failed."""
 
 
+class ArtifactMetadataError(ArtifactReadError):
+    """An artifact's fcn-deploy metadata has a key of the wrong kind (e.g. ``std`` with a zero,
+    ``mean`` not three numbers): the message names the file and the key."""
+
+
 class VerificationError(FcnDeployError):
     """A backend's output differs from the reference beyond the thresholds."""
 
@@ -121,3 +126,46 @@ class RunnerStateError(FcnDeployError):
 
 class ClusterError(FcnDeployError):
     """The Ray cluster cannot be joined, or a run on it failed (not one image: the run)."""
+
+
+class RequestError(FcnDeployError):
+    """A request to ``fcn-deploy serve`` that the server refuses (:mod:`fcn_deploy.serve`):
+    :attr:`status` is its HTTP status, :attr:`code` a short machine-readable name, and the
+    message one line naming the problem; :attr:`headers` go on the response (``Retry-After``)."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.headers = dict(headers or {})
+
+
+class BadRequestError(RequestError):
+    """400: not an image, a corrupt one, or an unknown query parameter."""
+
+    status, code = 400, "bad_request"
+
+
+class PayloadTooLargeError(RequestError):
+    """413: a body, an image (pixels, from its header) or an output past the server's limits."""
+
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """415: a Content-Type or Content-Encoding the server does not take."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class ServerBusyError(RequestError):
+    """503: the queue is full, no replica is ready, or the server is shutting down."""
+
+    status, code = 503, "unavailable"
+
+
+class RequestTimeoutError(RequestError):
+    """504: the request did not finish within the server's timeout."""
+
+    status, code = 504, "timeout"

@@ -31,6 +31,7 @@ from fcn_deploy.distributed import (
 )
 from fcn_deploy.errors import UsageError
 from fcn_deploy.fileio import check_output_file, write_json_atomic
+from fcn_deploy.outpaths import check_distinct_paths
 
 #: Columns of the prediction grid PNG.
 GRID_COLUMNS = 4
@@ -135,13 +136,26 @@ def format_results(result: dict[str, Any]) -> str:
     from fcn_deploy.report import format_table
 
     matrix = np.asarray(result["confusion_matrix"])
-    rows = [[name, "-" if iou is None else f"{iou:.2f}", str(int(matrix[i].sum()))]
-            for i, (name, iou) in enumerate(result["iou"].items())]
+    rows, unlabelled, predicted_only = [], 0, 0
+    for i, (name, iou) in enumerate(result["iou"].items()):
+        label_px, pred_px = int(matrix[i].sum()), int(matrix[:, i].sum())
+        if label_px == 0:  # IoU undefined for the class; predicted anyway, it enters the mIoU as 0
+            unlabelled += 1
+            predicted_only += pred_px > 0
+            cell = "n/a*"
+        else:
+            cell = "-" if iou is None else f"{iou:.2f}"
+        rows.append([name, cell, str(label_px), str(pred_px)])
     fmt = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
     summary = (f"{result['backend']} on {result['images']} {result['split']} images: "
                f"pixel acc {fmt(result['pixel_acc'])}, mean class acc {fmt(result['class_acc'])}, "
                f"mIoU {fmt(result['miou'])}, {result['images_per_s']:.2f} images/s")
-    return format_table(["class", "IoU %", "label px"], rows) + "\n" + summary
+    table = format_table(["class", "IoU %", "label px", "pred px"], rows)
+    if unlabelled:
+        table += (f"\n* n/a: no label pixel of this class ({unlabelled} classes), so its IoU is undefined; the mIoU "
+                  f"averages the classes labelled or predicted, and a class predicted but never labelled "
+                  f"counts as 0 ({predicted_only} here)")
+    return table + "\n" + summary
 
 
 def evaluate(
@@ -176,7 +190,7 @@ def evaluate(
     ``gpus_per_worker``, ...), same result; ``grid`` is not available there.
     """
     from fcn_deploy import __version__
-    from fcn_deploy.report import prediction_grid, save_png
+    from fcn_deploy.report import labelled_prediction_grid, save_png
     from fcn_deploy.runners import open_runner
     from fcn_deploy.voc import list_split
 
@@ -184,6 +198,7 @@ def evaluate(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if max_images is not None and max_images < 1:
         raise UsageError(f"--max-images must be at least 1, got {max_images}")
+    check_distinct_paths({"--report": report, "--grid": grid}, {"--model": model})
     report = None if report is None else check_output_file(report, force, "--report")
     grid = None if grid is None else check_output_file(grid, force, "--grid")
     samples = list_split(voc_root, split)[:max_images]
@@ -209,7 +224,7 @@ def evaluate(
     if report is not None:
         write_json_atomic(report, result)
     if grid is not None:
-        save_png(grid, prediction_grid(kept, meta["colormap"]))
+        save_png(grid, labelled_prediction_grid(kept, meta["colormap"], meta["classes"]))
     if echo is not None:
         if result["label_pixels_outside_classes"]:
             echo(f"warning: {result['label_pixels_outside_classes']} label pixels have class ids outside the "

@@ -124,7 +124,7 @@ def check_size(path: str | os.PathLike, width: int, height: int, limit: int | No
         )
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (16-bit and float scaled to their range)."""
     if img.mode in ("RGB",):
         return img
@@ -189,7 +189,7 @@ def load_rgb(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
             check_size(path, *img.size, limit)
             img = ImageOps.exif_transpose(img)
             img.load()
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
             return np.asarray(rgb, dtype=np.uint8).copy()
 
 

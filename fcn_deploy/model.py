@@ -168,8 +168,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     else:
         raise CheckpointError(f"{path} is neither an fcn-deploy checkpoint nor a state dict")
     if not isinstance(state, dict) or "final_conv.weight" not in state or "transpose_conv.weight" not in state:
+        if isinstance(state, dict) and {"fc.weight", "layer4.1.conv2.weight"} <= set(state):
+            raise CheckpointError(
+                f"{path} is a ResNet-18 classifier state dict (ImageNet weights such as torchvision's), not a "
+                f"d2l FCN checkpoint: it can start a training (fcn-deploy train --backbone-weights {path}); "
+                "give the checkpoint `fcn-deploy train` wrote (model.pt)")
         raise CheckpointError(
-            f"{path} is not a d2l FCN checkpoint (no final_conv / transpose_conv weights)"
+            f"{path} is not a d2l FCN checkpoint (no final_conv / transpose_conv weights); give the "
+            "checkpoint `fcn-deploy train` wrote (model.pt)"
         )
     num_classes = int(state["final_conv.weight"].shape[0])
     base = default_meta(num_classes)

@@ -31,9 +31,10 @@ from typing import Any
 
 from fcn_deploy.errors import ArtifactNotFoundError, BackendUnavailableError, UsageError
 from fcn_deploy.fileio import check_output_file, write_json_atomic
+from fcn_deploy.outpaths import check_distinct_paths
 from fcn_deploy.metrics import ConfusionMatrix
 from fcn_deploy.defaults import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, TILE_HW, VOC_CLASSES
-from fcn_deploy.voc import VOCSegDataset
+from fcn_deploy.voc import VOCSegDataset, check_samples
 
 #: The FCN's total stride: the network's input sides must be multiples of it.
 STRIDE = 32
@@ -205,6 +206,7 @@ def train(voc_root: str | os.PathLike, output: str | os.PathLike, *, epochs: int
     if max_train_images is not None and max_train_images < 1:
         raise UsageError(f"--max-train-images must be at least 1, got {max_train_images}")
     output, hist_file = Path(output), history_path(output)
+    check_distinct_paths({"-o": output, "its history": hist_file}, {"--backbone-weights": backbone_weights})
     if resume:
         if backbone_weights is not None or pretrained:
             raise UsageError("--resume continues from the checkpoint's weights; drop "
@@ -223,13 +225,20 @@ def train(voc_root: str | os.PathLike, output: str | os.PathLike, *, epochs: int
     train_set = train_ds if max_train_images is None else Subset(
         train_ds, range(min(max_train_images, len(train_ds))))
     model, history = _build_model(resume, output, backbone_weights, pretrained, seed)
+    if len(history) >= epochs:
+        _log(progress, f"{output} has {len(history)} epochs already; nothing to do")
+        return TrainHistory(history, trained=0)
+    # what would otherwise fail only after the first epoch: a bad label or image, a full disk
+    check_samples(val_ds.samples)  # decoded after every epoch: every label decoded now
+    used = train_ds.samples if max_train_images is None else train_ds.samples[:len(train_set)]
+    check_samples(used, decode_labels=False)  # decoded as cropped: headers and sizes now
+    check_output_space(output, _checkpoint_bytes(model))
     _log(progress, f"read {len(train_set)} training examples ({train_ds.num_filtered} smaller "
                    f"than the crop {crop[0]}x{crop[1]} skipped), {len(val_ds)} validation images")
     model.to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
     bs = min(batch_size, len(train_set))
-    if len(history) >= epochs:
-        _log(progress, f"{output} has {len(history)} epochs already; nothing to do")
+    trained = 0
     for epoch in range(len(history), epochs):
         epoch_seed = seed * 1_000_003 + epoch
         torch.manual_seed(epoch_seed)  # crops drawn in this process (num_workers=0)
@@ -261,7 +270,52 @@ def train(voc_root: str | os.PathLike, output: str | os.PathLike, *, epochs: int
         write_json_atomic(hist_file, {"checkpoint": output.name, "train_crop": list(crop),
                                       "history": history})
         _log(progress, _summary(entry, epochs))
-    return history
+        trained += 1
+    return TrainHistory(history, trained=trained)
+
+
+class TrainHistory(list):
+    """The history :func:`train` returns (a list of per-epoch dicts), with :attr:`trained`: how
+    many epochs this call ran (0 when a resumed checkpoint had them all already)."""
+
+    def __init__(self, entries, trained: int) -> None:
+        super().__init__(entries)
+        self.trained = trained
+
+
+def _checkpoint_bytes(model) -> int:
+    """Bytes of the model's float tensors: about what one checkpoint takes on disk."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+#: Probe written beside ``-o`` before training (and removed): the folder takes a write.
+PROBE_BYTES = 1 << 16
+
+
+def check_output_space(output: Path, need: int) -> None:
+    """Refuse, before the first epoch, an ``-o`` whose disk cannot take a checkpoint of about
+    ``need`` bytes (:class:`~fcn_deploy.errors.DiskFullError`), or whose folder refuses a probe
+    write (:class:`~fcn_deploy.errors.OutputWriteError`); creates no folder, leaves nothing."""
+    import shutil
+    import tempfile
+
+    from fcn_deploy.errors import DiskFullError
+    from fcn_deploy.fileio import write_error
+
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{output.name}.", suffix=".probe") as probe:
+            probe.write(b"\0" * PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise write_error(output, exc) from None
+    free = shutil.disk_usage(folder).free
+    if free < need + PROBE_BYTES:
+        raise DiskFullError(f"-o {output}: {free / 2**20:.1f} MiB free on its disk, a checkpoint needs "
+                            f"{need / 2**20:.1f} MiB; free some space or choose another -o")
 
 
 def _finite(v: float) -> float | None:
@@ -269,9 +323,9 @@ def _finite(v: float) -> float | None:
 
 
 def _summary(e: dict[str, Any], epochs: int) -> str:
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.3f}"
+    def fmt(v):  # the history keeps fractions (0..1); printed in percent, as evaluate prints
+        return "n/a" if v is None else f"{100 * v:.2f}%"
 
-    return (f"epoch {e['epoch']}/{epochs}: loss {e['train_loss']:.4f}, train acc "
+    return (f"epoch {e['epoch']}/{epochs}: loss {e['train_loss']:.4f}, train pixel acc "
             f"{fmt(e['train_pixel_acc'])}, val acc {fmt(e['val_pixel_acc'])}, val mIoU "
             f"{fmt(e['val_miou'])}, {e['images_per_s']:.1f} img/s")

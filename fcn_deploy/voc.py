@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -157,6 +158,28 @@ def read_sample(sample: VOCSample) -> tuple[np.ndarray, np.ndarray]:
             f"{sample.image_path} is {rgb.shape[0]}x{rgb.shape[1]} (HxW)"
         )
     return rgb, label
+
+
+def check_samples(samples: Sequence[VOCSample], decode_labels: bool = True) -> None:
+    """Check, before any work, that every sample's image header reads and its label decodes
+    (``decode_labels``; else only its header) with the image's size; the first bad file raises
+    a one-line :class:`~fcn_deploy.errors.DatasetError` / :class:`~fcn_deploy.errors.ImageReadError`
+    naming it. What ``train`` runs on the val split before its first epoch."""
+    for sample in samples:
+        hw = image_hw(sample.image_path)
+        if decode_labels:
+            label_hw = read_label(sample.label_path).shape
+        else:
+            try:
+                with Image.open(sample.label_path) as img:
+                    label_hw = img.size[::-1]
+            except FileNotFoundError:
+                raise DatasetError(f"label {sample.label_path} not found") from None
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise DatasetError(f"label {sample.label_path} is unreadable ({exc})") from None
+        if tuple(label_hw) != tuple(hw):
+            raise DatasetError(f"label {sample.label_path} is {label_hw[0]}x{label_hw[1]} but image "
+                               f"{sample.image_path} is {hw[0]}x{hw[1]} (HxW)")
 
 
 def image_hw(path: str | os.PathLike) -> tuple[int, int]:

@@ -147,3 +147,25 @@ def test_random_tiles_are_normalised_photos():
     tiles = random_tiles(2, (32, 64), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert tiles.shape == (2, 3, 32, 64) and tiles.dtype == np.float32
     assert tiles.min() >= -1.0 and tiles.max() <= 1.0 and tiles.std() > 0.4
+
+
+def test_bench_refuses_a_batch_that_does_not_fit_in_memory(checkpoint_path, monkeypatch):
+    """issue 24: ``bench --batch-sizes 100000`` grew to 24 GB and was killed; refused in one line
+    as ``infer --batch-size`` is (the same limit, fcn_deploy.infer.limits), before any tile is made."""
+    monkeypatch.setattr("fcn_deploy.infer.limits.batch_memory_limit", lambda: 5 << 20)  # 64x96: 8 tiles fit
+    with pytest.raises(UsageError, match=r"^--batch-sizes 20: a batch of 64x96 tiles .* use batch sizes of 8 or less"):
+        bench("torch", checkpoint_path, batch_sizes=(1, 20), warmup=0, iterations=1, echo=None,
+              runner_kwargs=SMALL)
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli, ["bench", "--backend", "torch", "--model", str(checkpoint_path),
+                                   "--batch-sizes", "1,100000"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: --batch-sizes 100000: a batch of 320x480 tiles")
+
+
+def test_bench_images_folder_without_images_is_refused(checkpoint_path, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photo here")
+    with pytest.raises(UsageError, match=r"^--images .*empty: no images found in it$"):
+        bench("torch", checkpoint_path, batch_sizes=(1,), warmup=0, iterations=1, images=tmp_path / "empty",
+              echo=None)

@@ -5,6 +5,7 @@ No model, no export: each staleness rule and each message on its own."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -80,14 +81,14 @@ def test_fresh_then_stale_when_the_parent_changes(chain):
     old = sha256_file(ckpt)
     ckpt.write_bytes(b"weights v2")  # trained more
     reason = onnx_staleness(fp32)
-    assert reason == (f"{fp32} is stale: made from a model.pt with sha256 {old[:12]}, but {ckpt} now has "
-                      f"{sha256_file(ckpt)[:12]}; rebuild it: fcn-deploy export {ckpt} -o {fp32} --force")
+    assert reason == (f"{fp32} is stale: {ckpt} has changed since it was made from it (sha256 {old[:12]} then, "
+                      f"{sha256_file(ckpt)[:12]} now); rebuild it: fcn-deploy export {ckpt} -o {fp32} --force")
     assert onnx_staleness(fp16) is None  # its own parent, fcn.onnx, did not change
     before = sha256_file(fp32)
     write_onnx(fp32, ckpt)  # re-exported after training more: new bytes, so the fp16 child is stale
     assert onnx_staleness(fp16) == (
-        f"{fp16} is stale: made from a fcn.onnx with sha256 {before[:12]}, but {fp32} now has "
-        f"{sha256_file(fp32)[:12]}; rebuild it: fcn-deploy export <checkpoint> -o {fp32} --fp16 --force")
+        f"{fp16} is stale: {fp32} has changed since it was made from it (sha256 {before[:12]} then, "
+        f"{sha256_file(fp32)[:12]} now); rebuild it: fcn-deploy export <checkpoint> -o {fp32} --fp16 --force")
 
 
 def test_the_parent_named_by_the_caller_wins_over_the_recorded_one(chain, tmp_path):
@@ -95,8 +96,14 @@ def test_the_parent_named_by_the_caller_wins_over_the_recorded_one(chain, tmp_pa
     other = tmp_path / "other.pt"
     other.write_bytes(b"another checkpoint")
     assert onnx_staleness(fp32, other) is not None
-    assert "made from a other.pt" in onnx_staleness(fp32, other)
-    assert onnx_staleness(fp32, str(ckpt)) is None
+    # issue 24: it names the parent it was made from (not the one given) and how to use it
+    assert onnx_staleness(fp32, other) == (
+        f"{fp32} is stale for {other}: it was made from {ckpt} (sha256 {sha256_file(ckpt)[:12]}), not from "
+        f"{other} ({sha256_file(other)[:12]}); to use it, name {ckpt} as its checkpoint (check: --model {ckpt}); "
+        f"to make it from {other}: fcn-deploy export {other} -o {fp32} --force")
+    ckpt.write_bytes(b"trained on")  # the recorded parent changed too: nothing to point to
+    assert "to use it" not in onnx_staleness(fp32, other)
+    assert onnx_staleness(fp32, str(other)).startswith(f"{fp32} is stale for {other}: it was made from {ckpt}")
 
 
 def test_an_absent_parent_is_stale_only_when_required(chain, tmp_path):
@@ -155,10 +162,10 @@ def test_resolve_onnx_defaults_and_precision(chain, tmp_path):
     with pytest.raises(UsageError, match="^--backend ort-fp16 runs the fp16 ONNX$"):  # no backend runs bf16
         resolve("ort-fp16", export_dir=export, precision="bf16")
     empty = tmp_path / "empty"
-    with pytest.raises(ArtifactNotFoundError, match=rf"^ONNX model {empty}/fcn.onnx not found; run `fcn-deploy export model.pt` first$"):
+    with pytest.raises(ArtifactNotFoundError, match=rf"^ONNX model {empty}/fcn.onnx not found; run `fcn-deploy export model.pt -o {empty}/fcn.onnx` first$"):
         resolve("ort", export_dir=empty)
     with pytest.raises(ArtifactNotFoundError, match=rf"^FP16 ONNX model {empty}/fcn.fp16.onnx not found; "
-                                                   r"run `fcn-deploy export model.pt --fp16` first$"):
+                                                   rf"run `fcn-deploy export model.pt -o {empty}/fcn.onnx --fp16` first$"):
         resolve("ort-fp16", export_dir=empty)
     explicit = tmp_path / "nowhere.onnx"  # an explicit artifact that does not exist: the runner says so
     assert resolve("ort-fp16", explicit) == Resolved("ort-fp16", explicit, "onnx", "fp16")
@@ -170,15 +177,15 @@ def test_resolve_onnx_staleness_along_the_chain(chain, tmp_path):
     write_onnx(fp32, ckpt, sha="0" * 64)  # fcn.onnx no longer matches model.pt (and fp16 no longer matches it)
     assert "fcn.fp16.onnx is stale" in resolve("ort-fp16", export_dir=export).stale
     write_onnx(fp16, fp32, "fp16")  # the fp16 child is remade: the stale fcn.onnx above it shows through
-    assert "fcn.onnx is stale: made from a model.pt" in resolve("ort-fp16", export_dir=export).stale
+    assert "fcn.onnx is stale: " in resolve("ort-fp16", export_dir=export).stale
     assert "fcn.onnx is stale" in resolve("ort", export_dir=export).stale
     write_onnx(fp32, ckpt)
     write_onnx(fp16, fp32, "fp16")
     assert resolve("ort-fp16", export_dir=export, checkpoint=ckpt).stale is None
     other = tmp_path / "other.pt"
     other.write_bytes(b"the checkpoint check names")
-    assert "made from a other.pt" in resolve("ort-fp16", export_dir=export, checkpoint=other).stale
-    assert "made from a other.pt" in resolve("ort", export_dir=export, checkpoint=other).stale
+    assert f"fcn.onnx is stale for {other}: it was made from {ckpt}" in resolve("ort-fp16", export_dir=export, checkpoint=other).stale
+    assert f"fcn.onnx is stale for {other}: it was made from {ckpt}" in resolve("ort", export_dir=export, checkpoint=other).stale
     fp32.unlink()  # the fp16 child alone: fine for a user, not for check with its checkpoint
     assert resolve("ort-fp16", export_dir=export).stale is None
     assert resolve("ort-fp16", export_dir=export, checkpoint=ckpt).stale == (
@@ -228,7 +235,7 @@ def test_resolve_engine(chain, tmp_path, monkeypatch):
     other.write_bytes(b"another checkpoint")
     res = resolve("trt", export_dir=export, engines_dir=engines, checkpoint=other, precision="fp16")
     assert res.path == fp32 and res.kind == "engine" and res.precision == "fp16"
-    assert "fcn.onnx is stale: made from a other.pt" in res.stale
+    assert f"fcn.onnx is stale for {other}: it was made from" in res.stale
     # the engine's sidecar names another export: with the checkpoint, fcn.onnx is what counts
     write_engine(engines, tmp_path / "gone.onnx", "0" * 64)
     assert resolve("trt", export_dir=export, engines_dir=engines).path == engine
@@ -265,7 +272,7 @@ def test_an_fp16_onnx_alone_is_checked_against_the_fp32_it_records(chain, tmp_pa
     (alone / "fcn.fp16.onnx").write_bytes(fp16.read_bytes())
     assert resolve("ort-fp16", export_dir=alone).stale is None
     write_onnx(fp32, ckpt, sha="1" * 64)  # the recorded fcn.onnx (not beside it) changes
-    assert "fcn.fp16.onnx is stale: made from a fcn.onnx" in resolve("ort-fp16", export_dir=alone).stale
+    assert f"fcn.fp16.onnx is stale: {fp32} has changed since" in resolve("ort-fp16", export_dir=alone).stale
 
 
 def test_an_fp16_onnx_with_a_named_checkpoint_that_is_absent(chain, tmp_path):
@@ -310,3 +317,14 @@ def test_rebuild_commands_name_the_export_that_remakes_each_artifact():
     meta = {"precision": "int8", "calibration": {"symmetric": False}}
     assert _rebuild_command(Path("out/net.int8-cpu.onnx"), meta, fp32) == (
         "fcn-deploy export <checkpoint> -o out/net.onnx --int8-cpu" + calib)
+
+
+def test_build_hint_names_the_checkpoint_and_export_folder_of_the_call(tmp_path):
+    """issue 24: the demo's check named `fcn-deploy export model.pt --int8 ...`; its checkpoint is
+    demo-work/model.pt and its export folder demo-work/export."""
+    ckpt, export = tmp_path / "demo-work" / "model.pt", tmp_path / "demo-work" / "export"
+    with pytest.raises(ArtifactNotFoundError, match=re.escape(
+            f"run `fcn-deploy export {ckpt} -o {export}/fcn.onnx --int8 --voc-root DIR (or --calib PHOTOS)` first")):
+        resolve("ort-int8", export_dir=export, checkpoint=ckpt)
+    with pytest.raises(ArtifactNotFoundError, match=re.escape(f"run `fcn-deploy export {ckpt} -o {export}/fcn.onnx` first")):
+        resolve("ort", export_dir=export, checkpoint=ckpt)

@@ -143,7 +143,8 @@ def test_evaluate_cli_json_and_grid(onnx_path, voc_root, tmp_path):
     present = [v for v in data["iou"].values() if v is not None]
     assert data["miou"] == pytest.approx(sum(present) / len(present))
     widths = [max(1, round(w * 160 / h)) for h, w in sizes]
-    assert Image.open(grid).size == (sum(widths) + 4 * (len(widths) - 1), 3 * 160 + 8)
+    width, height = Image.open(grid).size  # the grid, row labels on its left and a legend below
+    assert width > sum(widths) + 4 * (len(widths) - 1) and height > 3 * 160 + 8
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 2 and "exists; pass --force" in again.output
 
@@ -187,3 +188,45 @@ def test_evaluate_checks_report_and_grid_paths_before_the_work(voc_root, tmp_pat
     for option in ("report", "grid"):
         with pytest.raises(FcnDeployError, match=f"--{option} .*afile/out: cannot create a folder there"):
             evaluate(voc_root, **{option: tmp_path / "afile" / "out"})
+
+
+# -- pictures and the table that explain themselves (issue 24) --------------------------------------
+LEGEND_COLOURS = [[10, 200, 10], [200, 10, 200], [10, 10, 250], [250, 250, 0]]
+
+
+def test_labelled_grid_has_row_labels_and_a_legend_of_the_classes_present():
+    from fcn_deploy.report import GRID_ROWS, labelled_prediction_grid
+
+    rgb = np.full((40, 60, 3), 255, np.uint8)
+    pred = np.zeros((40, 60), np.uint8)
+    pred[:, 30:] = 1
+    label = np.full((40, 60), 2, np.uint8)
+    label[0] = 255  # void shown too; class 3 appears nowhere
+    samples = [(rgb, pred, label)]
+    out = labelled_prediction_grid(samples, LEGEND_COLOURS, ["grass", "plum", "sea", "sun"], height=160, gap=4)
+    grid = prediction_grid(samples, LEGEND_COLOURS, height=160, gap=4)
+    left = out.shape[1] - grid.shape[1]
+    assert left > 40 and np.array_equal(out[:grid.shape[0], left:], grid)  # the grid, unchanged
+    for r in range(len(GRID_ROWS)):  # each row's label: dark ink beside its row
+        band = out[r * 164: r * 164 + 160, :left]
+        assert (band.max(axis=-1) < 100).sum() > 30, GRID_ROWS[r]
+    legend = out[grid.shape[0]:]
+    assert legend.shape[0] > 20 and (legend.max(axis=-1) < 100).sum() > 100  # its title and names
+
+    def has(colour):
+        return bool(np.all(legend == colour, axis=-1).sum() >= 25)  # a swatch, not a stray pixel
+
+    assert has(LEGEND_COLOURS[0]) and has(LEGEND_COLOURS[1]) and has(LEGEND_COLOURS[2]) and has(VOID_COLOR)
+    assert not has(LEGEND_COLOURS[3])  # only the classes present
+
+
+def test_table_shows_n_a_with_a_footnote_for_a_class_without_label_pixels():
+    from fcn_deploy.evaluate import format_results
+
+    result = {"backend": "ort", "images": 2, "split": "val", "pixel_acc": 60.0, "class_acc": 60.0, "miou": 30.0,
+              "images_per_s": 1.0, "iou": {"background": 60.0, "cat": 0.0, "dog": None},
+              "confusion_matrix": [[6, 4, 0], [0, 0, 0], [0, 0, 0]]}
+    text = format_results(result)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:5]}
+    assert rows == {"background": ["60.00", "10", "6"], "cat": ["n/a*", "0", "4"], "dog": ["n/a*", "0", "0"]}
+    assert "* n/a: no label pixel of this class (2 classes)" in text and "counts as 0 (1 here)" in text

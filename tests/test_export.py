@@ -322,9 +322,11 @@ def test_fp16_refusals(onnx_path, fp16_onnx_path, tmp_path):
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cli_export(checkpoint_path, tmp_path_factory):
-    """``fcn-deploy export CKPT -o .../small.onnx --height 64 --width 96 --batch 2 --fp16``."""
+    """``fcn-deploy export CKPT -o .../small.onnx --height 64 --width 96 --batch 2 --fp16
+    --keep-fp32 ConvTranspose``."""
     out = tmp_path_factory.mktemp("cli") / "small.onnx"
-    args = ["export", str(checkpoint_path), "-o", str(out), "--height", "64", "--width", "96", "--batch", "2", "--fp16"]
+    args = ["export", str(checkpoint_path), "-o", str(out), "--height", "64", "--width", "96", "--batch", "2", "--fp16",
+            "--keep-fp32", "ConvTranspose"]
     return out, CliRunner().invoke(cli, args)
 
 
@@ -345,6 +347,7 @@ def test_cli_export_fixed_batch_and_fp16(cli_export):
             session.run(None, {"image": np.zeros((3, 3, 64, 96), np.float32)})
         meta = read_artifact_meta(path)
         assert meta["tile_hw"] == [64, 96] and meta["io"]["inputs"][0]["shape"] == [2, 3, 64, 96]
+    assert len(read_artifact_meta(out.with_name("small.fp16.onnx"))["keep_fp32"]) == 1  # the ConvTranspose
 
 
 def test_cli_refuses_existing_output_without_force(cli_export, checkpoint_path):
@@ -449,3 +452,14 @@ def test_build_engine_onnx_with_missing_or_escaping_external_data_is_one_line(tm
     res = CliRunner().invoke(cli, ["build-engine", str(path), "--fp32", "--trt", "rtx", "-o", str(tmp_path / "e.engine")])
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
     assert "Traceback" not in res.output and why in res.output
+
+
+def test_cli_fp16_unknown_keep_fp32_name_writes_nothing(checkpoint_path, tmp_path):
+    """issue 24: --keep-fp32 names are checked against the exported graph before fcn.onnx is
+    written (a rerun needs no --force); a known name writes both (the cli_export fixture)."""
+    args = ["export", str(checkpoint_path), "-o", str(tmp_path / "fcn.onnx"), "--height", "64", "--width", "96",
+            "--fp16", "--no-verify", "--keep-fp32", "ConvTranspose", "--keep-fp32", "Bogus"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == ["error: --keep-fp32 Bogus: no node or op type of that name in the graph"]
+    assert list(tmp_path.iterdir()) == []

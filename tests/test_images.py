@@ -84,7 +84,7 @@ def _save(path, img, **kwargs):
 
 def test_rgb_is_returned_as_it_is():
     img = Image.fromarray(_rgb(3, 4))
-    assert images._to_rgb(img) is img
+    assert images.to_rgb(img) is img
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
@@ -93,7 +93,7 @@ def test_16_bit_is_scaled_from_its_full_range(mode):
     byteorder = ">" if mode == "I;16B" else "<" if mode in ("I;16", "I;16L") else "="
     img = Image.frombytes(mode, (3, 2), values.astype(byteorder + "u2").tobytes())
     assert img.mode == mode
-    rgb = np.asarray(images._to_rgb(img))
+    rgb = np.asarray(images.to_rgb(img))
     assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
     expected = np.array([[1, 4, 128], [254, 19, 129]], dtype=np.uint8)  # rint(v / 65535 * 255); 128 by / 65536
     np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, axis=2))
@@ -104,7 +104,7 @@ def test_32_bit_and_float_are_stretched_from_min_to_max(mode, dtype):
     values = np.array([[-10, 0, 10], [-9, 5, 6]], dtype=dtype)
     img = Image.fromarray(values, mode) if mode == "F" else Image.fromarray(values)
     assert img.mode == mode
-    rgb = np.asarray(images._to_rgb(img))
+    rgb = np.asarray(images.to_rgb(img))
     expected = np.rint((values.astype(np.float64) + 10) / 20 * 255).astype(np.uint8)  # 0, 128 (127.5), 255, ...
     assert expected.tolist() == [[0, 128, 255], [13, 191, 204]]
     np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, axis=2))
@@ -114,7 +114,7 @@ def test_float_images_are_scaled_in_double_precision():
     """0.0019607844 * 255 is 0.50000003 in float64 (grey 1) but 0.5 in float32 (grey 0)."""
     x = np.float32(0.0019607844296842813)
     img = Image.fromarray(np.array([[0, x, 1]], np.float32), "F")
-    assert np.asarray(images._to_rgb(img))[0, :, 0].tolist() == [0, 1, 255]
+    assert np.asarray(images.to_rgb(img))[0, :, 0].tolist() == [0, 1, 255]
 
 
 @pytest.mark.parametrize("mode", ["I", "F"])
@@ -122,7 +122,7 @@ def test_a_constant_32_bit_image_is_black(mode):
     img = Image.fromarray(np.full((2, 3), 7, dtype=np.int32 if mode == "I" else np.float32), mode)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no 0 / 0
-        rgb = np.asarray(images._to_rgb(img))
+        rgb = np.asarray(images.to_rgb(img))
     assert rgb.shape == (2, 3, 3) and not rgb.any()
 
 

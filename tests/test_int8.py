@@ -285,7 +285,7 @@ def test_registry_entry_resolves_and_refuses_stale(int8_export_dir):
     with pytest.raises(StaleArtifactError, match="fcn.int8.onnx is stale"):
         open_runner("ort-int8", export_dir=int8_export_dir, device="cpu")
     (int8_export_dir / "fcn.int8.onnx").unlink()
-    with pytest.raises(ArtifactNotFoundError, match=r"INT8 ONNX model .*fcn.int8.onnx not found; run `fcn-deploy export model.pt --int8"):
+    with pytest.raises(ArtifactNotFoundError, match=r"INT8 ONNX model .*fcn.int8.onnx not found; run `fcn-deploy export model.pt -o .*fcn.onnx --int8"):
         open_runner("ort-int8", export_dir=int8_export_dir, device="cpu")
 
 
@@ -295,7 +295,7 @@ def test_check_int8_gate_names_the_metric(checkpoint_path, int8_export_dir, voc_
     from fcn_deploy.parity.check import check
 
     kw = dict(model=checkpoint_path, export_dir=int8_export_dir, engines_dir=tmp_path / "engines",
-              voc_root=voc_root, max_tiles=2, echo=None)
+              voc_root=voc_root, max_tiles=2, echo=None, disagreement_dir=tmp_path / "maps")  # never ./check
     with pytest.raises(VerificationError, match=r"parity check failed: ort-int8: argmax agreement \d+\.\d+% < 99\.00% \(short by"):
         check(["all"], **kw)
     result = check(["ort-int8"], thresholds=["int8.agreement=80", "int8.miou_gt_change=off"], **kw)
@@ -418,5 +418,5 @@ def test_int8_cpu_variant(small_onnx, voc_root, int8_export_dir, tmp_path):
     _touch_onnx(int8_export_dir / "fcn.onnx")
     assert "--int8-cpu --voc-root DIR" in resolve("ort-int8-cpu", export_dir=int8_export_dir).stale
     (int8_export_dir / "fcn.int8-cpu.onnx").unlink()
-    with pytest.raises(ArtifactNotFoundError, match=r"INT8-CPU ONNX model .* run `fcn-deploy export model.pt --int8-cpu"):
+    with pytest.raises(ArtifactNotFoundError, match=r"INT8-CPU ONNX model .* run `fcn-deploy export model.pt -o .*fcn.onnx --int8-cpu"):
         resolve("ort-int8-cpu", export_dir=int8_export_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -249,9 +250,11 @@ def test_perturbed_onnx_fails_naming_metric(checkpoint_path, perturbed_export, v
     from PIL import Image
 
     report = tmp_path / "r.json"
+    messages: list[str] = []
     with pytest.raises(VerificationError, match=r"ort: max abs logit difference \S+ > 1.00e-03 \(over by"):
         _check(["ort", "ort-fp16"], checkpoint_path, perturbed_export, voc_root, tmp_path, report=report,
-               disagreement_dir=tmp_path / "maps")
+               disagreement_dir=tmp_path / "maps", echo=messages.append)
+    assert messages[-1] == f"disagreement maps of the worst tiles (ort: 2) written to {tmp_path / 'maps'}{os.sep}"
     data = json.loads(report.read_text())  # written before the failure is raised
     ort, fp16 = data["backends"]
     assert data["passed"] is False and ort["status"] == "fail"
@@ -260,9 +263,12 @@ def test_perturbed_onnx_fails_naming_metric(checkpoint_path, perturbed_export, v
     assert ort["disagreement_maps"], "a perturbed model disagrees somewhere"
     for entry in ort["disagreement_maps"]:
         img = np.asarray(Image.open(entry["path"]))
-        assert img.shape == (320, 480, 3)
-        magenta = np.all(img == (255, 0, 255), axis=-1).sum()
+        assert img.shape[0] > 320 and img.shape[1:] == (480, 3)  # the tile, a caption below it
+        magenta = np.all(img[:320] == (255, 0, 255), axis=-1).sum()
         assert magenta == entry["pixels_disagreeing"] > 0
+        caption = img[320:]
+        assert (caption.max(axis=-1) < 100).sum() > 200  # its text (the pixel count)
+        assert np.all(caption == (255, 0, 255), axis=-1).sum() >= 25  # the swatch of the colour it explains
 
 
 def test_cli_check_exit_codes(checkpoint_path, perturbed_export, voc_root, tmp_path):
@@ -329,6 +335,16 @@ def test_photo_folder_source_pads_and_skips_unreadable(checkpoint_path, onnx_pat
         check(["ort"], model=checkpoint_path, export_dir=onnx_path.parent, images=photos, synthetic=2)
 
 
+def test_caption_below_keeps_the_picture_and_wraps_its_text():
+    from fcn_deploy.report import with_caption
+
+    rgb = np.full((20, 120, 3), 200, np.uint8)
+    one = with_caption(rgb, ["12 pixels"])
+    two = with_caption(rgb, ["12 of 2,400 pixels (0.50%) disagree: ort-fp16 vs PyTorch fp32"])  # wraps at 120 px
+    assert np.array_equal(one[:20], rgb) and one.shape[1] == 120 and one.shape[0] > 20
+    assert two.shape[0] > one.shape[0] and (two[20:].max(axis=-1) < 100).any()
+
+
 def test_disagreement_map_marks_pixels_and_a_visible_halo():
     from fcn_deploy.report import DISAGREE_COLOR, disagreement_map
 
@@ -389,3 +405,37 @@ def test_check_report_path_checked_before_the_work(checkpoint_path, onnx_path, t
     blocker.write_text("x")
     with pytest.raises(FcnDeployError, match=r"--report .*afile/r.json: cannot create a folder there, .*afile is a file"):
         check(["ort"], model=checkpoint_path, export_dir=onnx_path.parent, report=blocker / "r.json")
+
+
+def test_default_map_folder_only_for_a_failure_and_its_place_is_printed(checkpoint_path, perturbed_export,
+                                                                        voc_root, tmp_path, monkeypatch):
+    """issue 24: check wrote disagreement maps to ./check/ when every backend passed, and never said so."""
+    monkeypatch.chdir(tmp_path)
+    messages: list[str] = []
+    loose = ["fp32.max_abs=off", "fp32.agreement=off", "fp32.miou_gt_change=off"]
+    result = _check(["ort"], checkpoint_path, perturbed_export, voc_root, tmp_path, max_tiles=1, thresholds=loose,
+                    echo=messages.append)
+    assert result.passed and not (tmp_path / "check").exists()
+    assert not any("disagreement maps" in m for m in messages) and not result.checked[0].maps
+    # a failing backend's maps, and where they went: test_perturbed_onnx_fails_naming_metric
+
+
+def test_check_with_a_state_dict_as_model_says_what_it_is(onnx_path, checkpoint_path, tmp_path):
+    """issue 24: check --model resnet18_statedict.pt called export/fcn.onnx stale "made from" that file
+    and suggested an export --force that then failed."""
+    import torch
+
+    from fcn_deploy.errors import CheckpointError
+
+    resnet = tmp_path / "resnet18_statedict.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "layer4.1.conv2.weight": torch.zeros(1), "fc.weight": torch.zeros(1)},
+               resnet)
+    with pytest.raises(CheckpointError, match=r"resnet18_statedict.pt is a ResNet-18 classifier state dict .*"
+                                              r"train --backbone-weights .*resnet18_statedict.pt"):
+        _check(["ort"], resnet, onnx_path.parent, None, tmp_path, synthetic=2, max_tiles=1)
+    other = tmp_path / "fcn_statedict.pt"  # an FCN state dict, not the parent of the export
+    state = torch.load(checkpoint_path, weights_only=True)["state_dict"]
+    torch.save({k: v + 1 if k == "final_conv.bias" else v for k, v in state.items()}, other)
+    with pytest.raises(Exception, match=rf"fcn.onnx is stale for {other}: it was made from {checkpoint_path} .*"
+                                        rf"check: --model {checkpoint_path}\)"):
+        _check(["ort"], other, onnx_path.parent, None, tmp_path, synthetic=2, max_tiles=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -270,7 +269,7 @@ def test_factory_missing_defaults_name_the_command(tmp_path, monkeypatch):
     with pytest.raises(ArtifactNotFoundError) as err:
         open_runner("ort")
     assert str(err.value) == "ONNX model export/fcn.onnx not found; run `fcn-deploy export model.pt` first"
-    with pytest.raises(ArtifactNotFoundError, match=r"out/fcn.fp16.onnx not found; run `fcn-deploy export model.pt --fp16`"):
+    with pytest.raises(ArtifactNotFoundError, match=r"out/fcn.fp16.onnx not found; run `fcn-deploy export model.pt -o out/fcn.onnx --fp16`"):
         open_runner("ort-fp16", export_dir="out")
 
 
@@ -353,26 +352,27 @@ def test_fixed_batch_runner_pads_a_short_tensor_batch(onnx_path, tmp_path):
 
 
 # -- --device auto ---------------------------------------------------------------------------
-def test_resolve_device_on_this_machine(caplog, capsys):
-    """``auto`` is announced in one line through the ``fcn_deploy`` logger (the CLI shows it on
-    stderr; a Python caller sees nothing unless it configures logging)."""
+def test_resolve_device_on_this_machine(capsys):
+    """``auto`` is announced in one line on stderr inside a command (:func:`announce_devices`);
+    a library call prints nothing."""
     from fcn_deploy.runners.device import resolve_device
 
+    from fcn_deploy.runners.device import announce_devices
+
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
-    with caplog.at_level(logging.INFO, logger="fcn_deploy"):
+    assert resolve_device("torch", "auto") == expected  # a library call: silent (issue 24)
+    assert capsys.readouterr() == ("", "")
+    with announce_devices():  # as in every command
         assert resolve_device("torch", "auto") == expected
-    line = caplog.messages[-1]
+    line = capsys.readouterr().err.strip()
     assert line.startswith(f"device: {expected} (") and "\n" not in line
     assert capsys.readouterr() == ("", "")  # nothing printed by the library itself
     if expected == "cpu":
         assert line == "device: cpu (no CUDA GPU)"
-        assert resolve_device("ort") == "cpu"
-        # TensorRT needs a GPU: said at once, with what to use here, and no "device:" line first
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="fcn_deploy"), \
-                pytest.raises(BackendUnavailableError, match=r"^--backend trt runs TensorRT engines on an NVIDIA GPU only.*--backend ort"):
-            resolve_device("trt", "auto")
-        assert caplog.messages == []
+        with announce_devices():
+            assert resolve_device("ort") == "cpu"
+    assert resolve_device("trt", "auto", echo=None) == "cuda:0"  # TensorRT always runs on a GPU
+    assert capsys.readouterr().err.count("device:") == (1 if expected == "cpu" else 0)
 
 
 @pytest.mark.parametrize("device, expected", [
@@ -401,6 +401,18 @@ def test_device_index_of_the_cpu_is_an_error():
 
     with pytest.raises(UsageError, match="--device cpu has no GPU index"):
         device_index("cpu")
+
+
+def test_resolve_device_trt_without_gpu_announces_nothing(monkeypatch):
+    """issue 24: ``--backend trt`` without a GPU printed "device: cuda:0" before its no-GPU error."""
+    from fcn_deploy.runners import device
+
+    monkeypatch.setattr(device, "cuda_gpu", lambda: (False, "no CUDA GPU"))
+    lines: list[str] = []
+    assert device.resolve_device("trt", "auto", echo=lines.append) == "cuda:0" and lines == []
+    monkeypatch.setattr(device, "cuda_gpu", lambda: (True, "NVIDIA H200"))
+    assert device.resolve_device("trt", "auto", echo=lines.append) == "cuda:0"
+    assert lines == ["device: cuda:0 (NVIDIA H200)"]
 
 
 def test_resolve_device_explicit_values_are_normalised(capsys):
@@ -458,18 +470,18 @@ def test_resolve_device_auto_without_a_gpu(monkeypatch):
     assert lines == ["device: cpu (no CUDA GPU)"] * 2
 
 
-def test_factory_auto_device_picks_the_backend_runtime(fake_gpu, monkeypatch, checkpoint_path, tmp_path, caplog,
-                                                       capsys):
+def test_factory_auto_device_picks_the_backend_runtime(fake_gpu, monkeypatch, checkpoint_path, tmp_path, capsys):
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    with caplog.at_level(logging.INFO, logger="fcn_deploy"):
+    from fcn_deploy.runners.device import announce_devices
+
+    with announce_devices():
         torch_runner = open_runner("torch", checkpoint_path)
         ort = open_runner("ort", tmp_path / "m.onnx")
     assert torch_runner.device == "cuda:0" and torch_runner.channels_last is False
     assert ort.providers == ("cuda",) and ort.device == "cuda:0"
-    assert [r.getMessage() for r in caplog.records if r.name == "fcn_deploy"] == ["device: cuda:0 (Fake GPU)"] * 2
-    assert capsys.readouterr() == ("", "")  # a library call prints nothing itself
+    assert capsys.readouterr().err.splitlines() == ["device: cuda:0 (Fake GPU)"] * 2
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     cpu = open_runner("ort", tmp_path / "m.onnx")
     assert cpu.providers == ("cpu",) and cpu.device == "cpu"
@@ -581,11 +593,11 @@ def test_every_command_refuses_a_stale_onnx_the_same_way(checkpoint_path, onnx_p
     onnx.save(model, export / "fcn.onnx")  # new bytes: the fixture's fcn.fp16.onnx is now stale
     shutil.copy(fp16_onnx_path, export / "fcn.fp16.onnx")
     assert resolve("ort", export_dir=export).stale is None
-    with pytest.raises(StaleArtifactError, match=r"fcn.fp16.onnx is stale: made from a fcn.onnx .*rebuild it: fcn-deploy export"):
+    with pytest.raises(StaleArtifactError, match=r"fcn.fp16.onnx is stale for .*fcn.onnx: it was made from .*fcn.onnx .*to make it from .*: fcn-deploy export"):
         open_runner("ort-fp16", export_dir=export)
     torch.manual_seed(3)
     save_checkpoint(ckpt, FCN().eval())  # the checkpoint changes: fcn.onnx is stale too
-    with pytest.raises(StaleArtifactError, match=r"fcn.onnx is stale: made from a model.pt with sha256 \w+, but .*model.pt now has"):
+    with pytest.raises(StaleArtifactError, match=r"fcn.onnx is stale: .*model.pt has changed since it was made from it \(sha256 \w+ then, \w+ now\)"):
         open_runner("ort", export_dir=export)
     photos = tmp_path / "photos"
     photos.mkdir()

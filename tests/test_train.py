@@ -188,7 +188,7 @@ def test_cli_synth_voc_and_train(tmp_path):
                               "--epochs", "1", "--crop", "64x96", "--batch-size", "2",
                               "--max-train-images", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert "1 epochs (val_miou" in res.stdout and "m.history.json" in res.stdout
+    assert re.search(r"1 epochs \(val mIoU \d+\.\d\d%", res.stdout) and "m.history.json" in res.stdout
     assert load_checkpoint(out)[1]["history"][0]["train_images"] == 2
 
 
@@ -210,3 +210,57 @@ def test_cli_errors_are_one_line(tmp_path, args, match):
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert re.search(match, lines[0]), lines[0]
     assert "Traceback" not in res.output
+
+
+# --- issue 24: what failed only after a full epoch, and resume with nothing to do ---------------
+@pytest.fixture()
+def voc_copy(small_voc, tmp_path):
+    """A copy of small_voc (VOC2012 folder) and the name of its val image."""
+    import shutil
+
+    root = tmp_path / "VOC2012"
+    shutil.copytree(small_voc, root)
+    name = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    return root, name
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong size"])
+def test_bad_validation_label_is_found_before_the_first_epoch(voc_copy, tmp_path, monkeypatch, damage):
+    import fcn_deploy.train as train_module
+    from PIL import Image
+
+    root, name = voc_copy
+    label = root / "SegmentationClass" / f"{name}.png"
+    if damage == "garbage":
+        label.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    else:
+        Image.new("P", (17, 11)).save(label)
+    monkeypatch.setattr(train_module, "train_epoch", lambda *a, **k: pytest.fail("trained an epoch first"))
+    with pytest.raises(DatasetError, match=rf"label .*{name}\.png (is unreadable|is 11x17 but image)"):
+        train(root, tmp_path / "m.pt", epochs=1, **FAST)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_full_disk_at_output_is_found_before_the_first_epoch(small_voc, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    import fcn_deploy.train as train_module
+    from fcn_deploy.errors import DiskFullError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 << 20, 1 << 20, 1 << 20))  # 1 MiB free
+    monkeypatch.setattr(train_module, "train_epoch", lambda *a, **k: pytest.fail("trained an epoch first"))
+    with pytest.raises(DiskFullError, match=r"^-o .*m\.pt: 1\.0 MiB free on its disk, a checkpoint needs"):
+        train(small_voc, tmp_path / "m.pt", epochs=1, **FAST)
+    assert list(tmp_path.iterdir()) == []  # the probe is gone
+
+
+def test_cli_resume_with_nothing_left_says_so(small_voc, three_epochs):
+    out, _ = three_epochs
+    before = out.stat().st_mtime_ns
+    res = CliRunner().invoke(cli, ["train", "--voc-root", str(small_voc), "-o", str(out), "--epochs", "3",
+                                   "--resume", "--crop", "64x96", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "wrote" not in res.stdout and "has 3 epochs already" in res.stdout and "nothing to do" in res.stdout
+    assert re.search(r"val mIoU \d+\.\d\d%", res.stdout) and out.stat().st_mtime_ns == before

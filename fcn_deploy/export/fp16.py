@@ -54,7 +54,7 @@ def convert_fp16(
     meta = meta_from_model(fp32, str(onnx_path))
     if meta.get("precision") != "fp32":
         raise UsageError(f"{onnx_path} has precision {meta.get('precision')!r}; convert an fp32 ONNX")
-    keep = _resolve_nodes(fp32, DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
+    keep = resolve_nodes(fp32, DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
     with quiet():
         fp16 = float16.convert_float_to_float16(
             fp32, keep_io_types=True, node_block_list=keep,
@@ -110,7 +110,7 @@ def check_fp16_typing(model, keep_fp32: Sequence[str] = ()) -> None:
                 raise ExportError(f"fp16 check 'float16 weights' failed: {node.op_type} {node.name}")
 
 
-def _resolve_nodes(model, names_or_ops: Sequence[str]) -> list[str]:
+def resolve_nodes(model, names_or_ops: Sequence[str]) -> list[str]:
     """Node names for a list of op types or node names; unknown entries are a UsageError."""
     nodes = list(model.graph.node)
     resolved: list[str] = []

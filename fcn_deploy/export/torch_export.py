@@ -28,6 +28,7 @@ from fcn_deploy.errors import ExportError, UsageError, first_line
 from fcn_deploy.export.graph import BATCH_DIM, INPUT_NAME, OUTPUT_NAME, check_graph
 from fcn_deploy.export.verify import verification_plan, verification_tiles, verify_onnx
 from fcn_deploy.export.writing import check_outputs, package_version, quiet, write_artifact
+from fcn_deploy.outpaths import check_distinct_paths
 
 #: Default opset: the torch.export-based exporter's native opset (no version conversion), parsed by
 #: TensorRT 10.x/11.x (max opset 20-25), TensorRT-RTX 1.x and onnxruntime >= 1.14.
@@ -90,12 +91,26 @@ def export_artifacts(
     it (reports in that order). Every output is checked for ``force`` before anything is exported."""
     if keep_fp32 and not fp16:
         raise UsageError("--keep-fp32 only applies with --fp16")
+    outputs = {"-o": output, "its sidecar": sidecar_path(output)}
+    if fp16:
+        outputs.update({"the FP16 ONNX": fp16_onnx_path(output), "the FP16 sidecar": sidecar_path(fp16_onnx_path(output))})
+    check_distinct_paths(outputs, {"the checkpoint": checkpoint})
     check_outputs(output, force)
     if fp16:
         check_outputs(fp16_onnx_path(output), force)
-    reports = [
-        export_onnx(checkpoint, output, height=height, width=width, batch=batch, opset=opset, force=force, verify=verify)
-    ]
+    if fp16 and keep_fp32:
+        # --keep-fp32 names nodes of the exported graph: resolve them before anything is written
+        from fcn_deploy.export.fp16 import resolve_nodes
+
+        _check_export_args(height, width, batch, opset)
+        out, sidecar = check_outputs(output, force)
+        proto, meta = _export_proto(checkpoint, height, width, batch, opset, verify)
+        resolve_nodes(proto, keep_fp32)
+        write_artifact(proto, meta, out, sidecar)
+        reports = [ExportReport(out, sidecar, meta, meta["verification"])]
+    else:
+        reports = [export_onnx(checkpoint, output, height=height, width=width, batch=batch, opset=opset,
+                               force=force, verify=verify)]
     if fp16:
         from fcn_deploy.export.fp16 import convert_fp16
 
@@ -122,12 +137,20 @@ def export_onnx(
     Writes ``output`` and its JSON sidecar atomically, only after the graph checks and (unless
     ``verify`` is False) the verification against PyTorch passed.
     """
+    _check_export_args(height, width, batch, opset)
+    output, sidecar = check_outputs(output, force)
+    proto, meta = _export_proto(checkpoint, height, width, batch, opset, verify)
+    write_artifact(proto, meta, output, sidecar)
+    return ExportReport(output, sidecar, meta, meta["verification"])
+
+
+def _export_proto(checkpoint, height: int, width: int, batch: int | None, opset: int, verify: bool):
+    """The checked (and unless ``verify`` is False, verified) ``onnx.ModelProto`` of a checkpoint
+    with its metadata embedded, and that metadata; nothing written."""
     import torch
 
     from fcn_deploy.model import load_checkpoint
 
-    _check_export_args(height, width, batch, opset)
-    output, sidecar = check_outputs(output, force)
     model, ckpt_meta = load_checkpoint(checkpoint)
     proto = _torch_export(model, height, width, batch, opset)
     weight = model.transpose_conv.weight.detach().numpy()
@@ -145,8 +168,7 @@ def export_onnx(
         tiles = verification_tiles(n_tiles, height, width, meta["mean"], meta["std"])
         meta["verification"] = verify_onnx(proto, model, tiles, batch=run_batch)
     embed_meta(proto, meta)
-    write_artifact(proto, meta, output, sidecar)
-    return ExportReport(output, sidecar, meta, meta["verification"])
+    return proto, meta
 
 
 def _check_export_args(height: int, width: int, batch: int | None, opset: int) -> None:

@@ -20,6 +20,7 @@ from fcn_deploy.errors import (
     VerificationError,
 )
 from fcn_deploy.fileio import check_output_file, write_json_atomic
+from fcn_deploy.outpaths import check_distinct_paths
 from fcn_deploy.parity.metrics import ParityAccumulator
 from fcn_deploy.parity.report import BackendParity, ParityReport, write_maps
 from fcn_deploy.parity.thresholds import (
@@ -132,9 +133,11 @@ def check(
     ``batch_size``; the metrics are those of :class:`ParityAccumulator`, the limits
     ``thresholds`` (``PRECISION.METRIC=VALUE`` overrides of :data:`DEFAULT_THRESHOLDS`, or a full
     dict) for the precision each artifact records. ``report`` gets the JSON report; the
-    ``worst`` lowest-agreement tiles of each backend get a disagreement map PNG in
-    ``disagreement_dir`` (default: ``<report stem>-disagreement/`` beside the report, else
-    ``check/``). ``echo`` receives the table before a failure is raised.
+    ``worst`` lowest-agreement tiles of each backend (tiles with a disagreeing pixel) get a
+    disagreement map PNG in ``disagreement_dir`` (default: ``<report stem>-disagreement/`` beside
+    the report); without either, only a failing backend's maps are written, to ``check/``, so a
+    check that passes writes nothing there. ``echo`` receives the table and where the maps went
+    before a failure is raised.
 
     Raises:
         VerificationError: a backend fails a threshold (every failure named, with its gap), or
@@ -149,8 +152,15 @@ def check(
     model, export_dir, engines_dir = Path(model), Path(export_dir), Path(engines_dir)
     if not model.is_file():
         raise ArtifactNotFoundError(f"checkpoint {model} not found (the reference); pass --model")
+    from fcn_deploy.model import read_checkpoint
+
+    read_checkpoint(model)  # the reference must be an FCN checkpoint: say so before matching artifacts to it
+    check_distinct_paths({"--report": report, "--disagreement-dir": disagreement_dir}, {"--model": model})
     if report is not None:
         report = check_output_file(report, force, "--report")
+    # maps go to the default ./check/ only for a failing backend; to a folder asked for (or the
+    # report's) for every backend with a disagreeing pixel
+    asked_for_maps = disagreement_dir is not None or report is not None
     folder = Path(disagreement_dir) if disagreement_dir is not None else (
         report.parent / f"{report.stem}-disagreement" if report is not None else Path("check"))
     with contextlib.ExitStack() as stack:
@@ -177,7 +187,8 @@ def check(
         entry.inference_seconds = runners[entry.backend].total_inference_time
         entry.checks = apply_thresholds(entry.backend, entry.precision, entry.metrics, limits)
         entry.status = "pass" if all(c.passed for c in entry.checks) else "fail"
-        write_maps(entry, acc, tiles, folder)
+        if asked_for_maps or entry.status == "fail":
+            write_maps(entry, acc, tiles, folder)
     result = ParityReport(
         reference={"backend": "torch", "precision": "fp32", "device": "cpu", "model": str(model),
                    "inference_seconds": reference.total_inference_time},
@@ -185,6 +196,10 @@ def check(
     if report is not None:
         write_json_atomic(report, result.as_dict())
     echo(result.table())
+    maps = [(e.backend, len(e.maps)) for e in entries if e.maps]
+    if maps:
+        echo(f"disagreement maps of the worst tiles ({', '.join(f'{b}: {n}' for b, n in maps)}) written to "
+             f"{folder}{os.sep}")
     raise_on_failures({e.backend: e.checks for e in entries})
     echo(f"parity: {', '.join(e.backend for e in result.checked)} pass")
     return result

@@ -90,13 +90,18 @@ def _floor_pct(value: float | None, decimals: int = 4) -> str:
 
 
 def write_maps(entry: BackendParity, acc: ParityAccumulator, tiles: TileSet, folder: Path) -> None:
-    """Disagreement map PNGs of the worst tiles of ``acc`` in ``folder``, listed in ``entry.maps``."""
-    from fcn_deploy.report import disagreement_map, save_png
+    """Disagreement map PNGs of the worst tiles of ``acc`` in ``folder``, listed in ``entry.maps``:
+    the tile (H, W) on top, below it a caption with the count of disagreeing pixels."""
+    from fcn_deploy.report import DISAGREE_COLOR, disagreement_map, save_png, with_caption
 
     for rank, worst in enumerate(acc.worst_tiles(), start=1):
         name = tiles.names[worst.index]
         path = folder / f"{entry.backend}_worst{rank}_{re.sub(r'[^A-Za-z0-9.,@-]+', '_', name)}.png"
-        save_png(path, disagreement_map(tiles.rgb[worst.index].transpose(1, 2, 0), worst.mask))
+        n, total = int(worst.mask.sum()), int(worst.mask.size)
+        caption = [f"{n:,} of {total:,} pixels ({100 * n / total:.2f}%) disagree: {entry.backend} vs PyTorch fp32",
+                   f"tile {name} (worst {rank}); photo dimmed, disagreeing pixels in magenta"]
+        save_png(path, with_caption(disagreement_map(tiles.rgb[worst.index].transpose(1, 2, 0), worst.mask),
+                                    caption, swatch=DISAGREE_COLOR))
         entry.maps.append({"tile": name, "agreement": worst.agreement,
                            "pixels_disagreeing": int(worst.mask.sum()), "path": str(path)})
 

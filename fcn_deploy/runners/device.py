@@ -2,21 +2,20 @@
 :class:`~fcn_deploy.errors.UsageError`) and ``--device auto`` (:func:`resolve_device`: CUDA when
 a GPU and the backend's GPU runtime are present, else CPU).
 
-:func:`resolve_device` is the one place ``auto`` is decided (:func:`fcn_deploy.runners.open_runner`
-calls it); it says what it chose in one line, e.g. ``device: cuda:0 (NVIDIA H200)`` or ``device:
-cpu (no CUDA GPU)``, through the ``fcn_deploy`` logger (the CLI prints it on stderr; a Python
-caller sees it only if it configures logging). Explicit ``cpu`` / ``cuda`` / ``cuda:N`` are only
-normalised: a runner that cannot use the requested GPU says so when it is activated.
+:func:`resolve_device` is the one place this is decided (:func:`~fcn_deploy.runners.open_runner` and the commands
+call it); in a command it says what it chose on stderr, e.g. ``device: cuda:0 (NVIDIA H200)`` or
+``device: cpu (no CUDA GPU)`` (library calls stay silent: :func:`announce_devices`). Explicit ``cpu`` / ``cuda`` / ``cuda:N`` are only normalised:
+a runner that cannot use the requested GPU says so when it is activated.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Callable
+import contextlib
+import sys
+from typing import Any, Callable, Iterator
 
-from fcn_deploy.errors import BackendUnavailableError, UsageError
+from fcn_deploy.errors import UsageError
 
-_log = logging.getLogger("fcn_deploy")
 
 #: Values ``--device`` accepts (``cuda:N`` besides).
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -56,8 +55,8 @@ def device_index(device: str | int) -> int:
     return int(parsed[5:])
 
 
-def _log_info(line: str) -> None:
-    _log.info(line)
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def cuda_gpu() -> tuple[bool, str]:
@@ -92,31 +91,48 @@ def gpu_runtime(backend: str) -> str:
     return "torch"
 
 
-def resolve_device(backend: str, requested: str = "auto", *, echo: Callable[[str], None] | None = _log_info) -> str:
+#: Where :func:`resolve_device` announces its choice when no ``echo`` is passed: nowhere in the
+#: library (a Python caller's stdout and stderr stay its own); the CLI turns it on for a command
+#: (:func:`announce_devices`, stderr).
+_announce: Callable[[str], None] | None = None
+_DEFAULT = object()
+
+
+@contextlib.contextmanager
+def announce_devices(echo: Callable[[str], None] | None = _stderr) -> Iterator[None]:
+    """Within the block, :func:`resolve_device` without ``echo`` says what ``auto`` chose to
+    ``echo`` (stderr by default): what every ``fcn-deploy`` command does."""
+    global _announce
+    previous, _announce = _announce, echo
+    try:
+        yield
+    finally:
+        _announce = previous
+
+
+def resolve_device(backend: str, requested: str = "auto", *, echo: Any = _DEFAULT) -> str:
     """The device ``backend`` runs on for ``--device requested``: ``cpu`` or ``cuda:N``.
 
     ``auto``: ``cuda:0`` when a CUDA GPU is visible and the backend's GPU runtime is present
-    (torch: a CUDA build of torch; ``ort*``: onnxruntime-gpu's CUDAExecutionProvider), else
-    ``cpu``; ``trt*`` needs a GPU: ``cuda:0``, or an error when torch sees none. The choice goes
-    to ``echo`` as one line (default: the ``fcn_deploy`` logger at INFO; ``None`` for silence).
-    Anything else: ``cpu``, ``cuda`` (GPU 0) or ``cuda:N``, returned normalised, no check
-    (activation checks).
+    (torch: a CUDA build of torch; ``ort*``: onnxruntime-gpu's CUDAExecutionProvider;
+    ``trt*``: always, TensorRT needs a GPU), else ``cpu``; the choice goes to ``echo`` as one
+    line (default: nowhere, or stderr inside :func:`announce_devices`, as in the CLI), except for ``trt*`` on a machine without a GPU,
+    where the runner's one-line error says so (no "device: cuda:0" before it). Anything else: ``cpu``, ``cuda`` (GPU 0) or
+    ``cuda:N``, returned normalised, no check (activation checks).
 
     Raises:
         UsageError: ``requested`` is none of these.
-        BackendUnavailableError: ``auto`` for ``trt`` on a machine without a CUDA GPU (said
-            before anything else, with what to use instead).
     """
+    if echo is _DEFAULT:
+        echo = _announce
     value = str(requested).strip().lower()
     if value != "auto":
         return parse_device(value)
     runtime = gpu_runtime(backend)
     gpu, name = cuda_gpu()
     if runtime == "trt":
-        if not gpu:
-            raise BackendUnavailableError(
-                f"--backend {backend} runs TensorRT engines on an NVIDIA GPU only, and there is none here ({name}); "
-                "on this machine use --backend ort (onnxruntime) or torch")
+        if not gpu:  # nothing to announce: activating the runner says, in one line, that there is no GPU
+            return "cuda:0"
         device, why = "cuda:0", name
     elif not gpu:
         device, why = "cpu", name

@@ -241,9 +241,9 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:  # DecodeError, missing external data, ...
             raise ArtifactReadError(f"{self.artifact} is not a readable ONNX model: {first_line(exc)}") from None
         spec = self._check_io(model)
-        from fcn_deploy.artifacts import meta_from_model
+        from fcn_deploy.artifacts import check_normalization, meta_from_model
 
-        meta = dict(meta_from_model(model, str(self.artifact)))
+        meta = dict(check_normalization(meta_from_model(model, str(self.artifact)), str(self.artifact), required=True))
         classes = _dims(model.graph.output[0])[1]
         if isinstance(classes, int) and classes != meta.get("num_classes", classes):
             raise ArtifactReadError(

@@ -150,6 +150,22 @@ def _check_build_args(precision, workspace_mib, min_batch, opt_batch, max_batch)
         raise UsageError(f"--workspace must be at least 1 MiB, not {workspace_mib}")
 
 
+def _check_not_inputs(onnx_path: Path, output: Path, timing_cache) -> None:
+    """Refuse an engine ``output`` (or its sidecar) that is the ONNX, one of its children or
+    their sidecars, or the timing cache: an output never replaces an input (before any work)."""
+    from fcn_deploy.artifacts import sidecar_path as onnx_sidecar
+    from fcn_deploy.chain import fp16_onnx_path, int8_onnx_path
+    from fcn_deploy.outpaths import check_distinct_paths
+
+    inputs: dict[str, Path] = {}
+    for role, path in (("the input ONNX", onnx_path), ("the FP16 ONNX", fp16_onnx_path(onnx_path)),
+                       ("the INT8 ONNX", int8_onnx_path(onnx_path))):
+        inputs[role] = path
+        inputs[f"the sidecar of {role}"] = onnx_sidecar(path)
+    check_distinct_paths({"-o": output, "the engine's sidecar": sidecar_path(output),
+                          "--timing-cache": timing_cache}, inputs)
+
+
 @gc_paused()
 def build_engine(
     onnx_path: str | Path = "export/fcn.onnx",
@@ -183,6 +199,8 @@ def build_engine(
         force: overwrite an existing engine.
     """
     _check_build_args(precision, workspace_mib, min_batch, opt_batch, max_batch)
+    if output is not None:
+        _check_not_inputs(Path(onnx_path), Path(output), timing_cache)
     flv, trt = resolve_flavour(flavour)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():

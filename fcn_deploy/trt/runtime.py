@@ -45,6 +45,7 @@ from fcn_deploy.trt.sidecar import (
     engine_mismatch,
     gpu_info,
     read_sidecar,
+    sidecar_path,
     rebuild_hint,
 )
 
@@ -259,6 +260,9 @@ class TensorRTRunner(Runner):
             ) from None
         if reason is not None:
             raise EngineError(f"{self.artifact.name}: {reason}; rebuild it: {rebuild_hint(sidecar)}")
+        from fcn_deploy.artifacts import check_normalization
+
+        check_normalization(sidecar, str(sidecar_path(self.artifact)))
         try:
             self._load(trt, sidecar)
         except BaseException:
