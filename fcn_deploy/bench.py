@@ -27,6 +27,7 @@ from fcn_deploy import __version__
 from fcn_deploy.errors import UsageError
 from fcn_deploy.fileio import check_writable, write_json_atomic
 from fcn_deploy.outpaths import check_distinct_paths
+from fcn_deploy.runners.base import capabilities_of
 
 #: Installed distributions whose versions a report records (plus any ``tensorrt*``).
 _VERSIONED = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy")
@@ -188,7 +189,7 @@ def _check_images(images) -> None:
 def _timed_call(runner, batch: np.ndarray) -> Callable[[], Any]:
     """What a timed call runs: ``run_staged`` on inputs staged where the runner computes, else
     ``infer`` on host arrays."""
-    if hasattr(runner, "stage") and hasattr(runner, "run_staged"):
+    if capabilities_of(runner).staged:
         staged = runner.stage(batch)
         return lambda: runner.run_staged(staged)
     return lambda: runner.infer(batch)
@@ -250,7 +251,7 @@ def bench_compare(
             for i, t in enumerate(times):
                 rows[i].append(latency_stats(t, bs))
         per_backend = [
-            {"backend": name, "artifact": str(getattr(r, "path", None) or getattr(r, "checkpoint", "")),
+            {"backend": name, "artifact": str(r.artifact),
              "device": r.device, "precision": r.meta.get("precision"), "engine": engine}
             for name, r, engine in zip(names, runners, rows)
         ]
@@ -362,14 +363,14 @@ def bench(
             raise UsageError(f"--batch-sizes {too_big[0]}: this {backend} artifact takes at most {runner.max_batch}")
         _check_batch_memory(batch_sizes, runner, backend)
         tiles = random_tiles(max(batch_sizes), runner.tile_hw, runner.meta["mean"], runner.meta["std"])
-        staged_ok = hasattr(runner, "stage") and hasattr(runner, "run_staged")
+        staged_ok = capabilities_of(runner).staged
         engine = []
         for bs in batch_sizes:
             fn = _timed_call(runner, np.ascontiguousarray(tiles[:bs]))
             engine.append(latency_stats(time_runs(fn, warmup, iterations, max_seconds), bs))
         result: dict[str, Any] = {
             "backend": backend,
-            "artifact": str(getattr(runner, "path", None) or getattr(runner, "checkpoint", "")),
+            "artifact": str(runner.artifact),
             "device": runner.device,
             "precision": runner.meta.get("precision"),
             "tile_hw": list(runner.tile_hw),

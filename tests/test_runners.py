@@ -287,6 +287,20 @@ def test_factory_builds_runners(checkpoint_path, tmp_path):
         open_runner("ort", tmp_path / "m.onnx", device="gpu")
 
 
+def test_every_runner_names_its_artifact_and_declares_its_capabilities(checkpoint_path, tmp_path):
+    """One attribute for the artifact (bench's JSON reported ``"artifact": ""`` for trt: issue 20)
+    and declared capabilities (bench times ``stage``/``run_staged`` only where declared)."""
+    from fcn_deploy.runners.base import capabilities_of
+    from fcn_deploy.trt.runtime import TensorRTRunner
+
+    engine = tmp_path / "fcn.engine"  # never read: a runner reads its artifact when activated
+    runners = [TorchRunner(checkpoint_path), OnnxRuntimeRunner(tmp_path / "m.onnx"), TensorRTRunner(engine)]
+    assert [str(r.artifact) for r in runners] == [str(checkpoint_path), str(tmp_path / "m.onnx"), str(engine)]
+    staged = [capabilities_of(r).staged for r in runners]
+    assert staged == [True, True, False]
+    assert all(hasattr(r, "stage") and hasattr(r, "run_staged") for r, s in zip(runners, staged) if s)
+
+
 # -- torch tensors in, torch tensors out ---------------------------------------------------
 def test_torch_tensor_path_equals_numpy_path(small_torch):
     x = _tiles(3, seed=5)
