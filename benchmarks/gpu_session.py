@@ -566,7 +566,7 @@ def step_memory(ctx: Ctx) -> None:
     import torch
 
     from fcn_deploy.infer.pipeline import run_inference
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
 
     rec = Recorder(ctx, "memory")
     huge = ctx.work / "photos" / "huge"
@@ -594,7 +594,7 @@ def step_memory(ctx: Ctx) -> None:
             smi = SmiPeak() if on_gpu else None
             t0 = time.perf_counter()
             backend, model, extra = kw
-            runner = create_runner(backend, model, device=ctx.device, **extra)
+            runner = open_runner(backend, model, device=ctx.device, **extra)
             runner_peak = None
             if on_gpu:  # the engine's own peak (weights, activations of one batch), measured apart
                 runner.activate()
@@ -629,7 +629,7 @@ def step_masks(ctx: Ctx) -> None:
     from PIL import Image
 
     from fcn_deploy.infer.pipeline import run_inference
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
 
     rec = Recorder(ctx, "masks")
     src = ctx.work / "photos"
@@ -641,7 +641,7 @@ def step_masks(ctx: Ctx) -> None:
 
     def masks(label: str, backend: str, model: Path, device: str, decode: str = "cpu", **kw) -> dict[str, Any]:
         out = ctx.work / f"masks-{label.replace(' ', '_')}"
-        runner = create_runner(backend, model, device=device, **kw)
+        runner = open_runner(backend, model, device=device, **kw)
         t0 = time.perf_counter()
         summary = run_inference([pick], out, runner=runner, batch_size=ctx.batch, progress=False, skip_existing=False,
                                 decode=decode) if not out.exists() else None

@@ -68,7 +68,7 @@ def main() -> None:
 
     from fcn_deploy.artifacts import embed_meta, meta_from_model
     from fcn_deploy.export.int8 import TileCalibrationReader, calibration_tiles, export_int8, quantize_qdq
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
 
     voc = args.workdir / "data" / "VOCdevkit" / "VOC2012"
     onnx_path = args.workdir / "export" / "fcn.onnx"
@@ -93,10 +93,10 @@ def main() -> None:
         if args.ops_only:
             return
         runners = {
-            "torch-fp32": create_runner("torch", args.workdir / "model.pt"),
-            "ort-fp32": create_runner("ort", onnx_path),
-            "ort-int8": create_runner("ort", int8),
-            "ort-int8-u8": create_runner("ort", u8_path),
+            "torch-fp32": open_runner("torch", args.workdir / "model.pt"),
+            "ort-fp32": open_runner("ort", onnx_path),
+            "ort-int8": open_runner("ort", int8),
+            "ort-int8-u8": open_runner("ort", u8_path),
         }
         for r in runners.values():
             r.activate()

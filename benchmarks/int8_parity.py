@@ -20,7 +20,7 @@ from fcn_deploy.images import normalize
 from fcn_deploy.parity.metrics import ParityAccumulator
 from fcn_deploy.parity.tiles import draw_tiles
 from fcn_deploy.export.int8 import export_int8
-from fcn_deploy.runners import create_runner
+from fcn_deploy.runners import open_runner
 from fcn_deploy.voc import list_split, read_sample
 
 CONFIGS = [("minmax", 8), ("minmax", 16), ("minmax", 32), ("percentile", 8), ("percentile", 32),
@@ -37,7 +37,7 @@ def main() -> None:
     voc = args.workdir / "data" / "VOCdevkit" / "VOC2012"
     onnx_path = args.workdir / "export" / "fcn.onnx"
     configs = CONFIGS if not args.configs else [(m, int(n)) for m, n in (c.split(":") for c in args.configs.split(","))]
-    with create_runner("torch", args.workdir / "model.pt") as ref_runner:
+    with open_runner("torch", args.workdir / "model.pt") as ref_runner:
         meta = ref_runner.meta
         tiles = draw_tiles([(s.name, s) for s in list_split(voc, "val")], read_sample, tuple(meta["tile_hw"]), args.max_tiles)
         x = np.stack([normalize(t.transpose(1, 2, 0), meta["mean"], meta["std"]) for t in tiles.rgb])
@@ -50,7 +50,7 @@ def main() -> None:
             report = export_int8(onnx_path, out, voc_root=voc, calib_tiles=n, calib_method=method, verify=False)
             seconds = time.perf_counter() - t0
             acc = ParityAccumulator(meta["num_classes"])
-            with create_runner("ort", out) as runner:
+            with open_runner("ort", out) as runner:
                 for i in range(0, len(x), 4):
                     acc.update(ref[i:i + 4], runner.infer(x[i:i + 4]), tiles.labels[i:i + 4], tiles.valid[i:i + 4])
             res = acc.result()

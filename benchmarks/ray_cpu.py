@@ -53,7 +53,7 @@ def main() -> int:
     from fcn_deploy.export.torch_export import export_onnx
     from fcn_deploy.infer.pipeline import run_inference
     from fcn_deploy.model import FCN, save_checkpoint
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
 
     work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     try:
@@ -74,7 +74,7 @@ def main() -> int:
                 out = work / f"out-{name.replace(' ', '')}-{r}"
                 if name == "single":
                     t0 = time.perf_counter()
-                    runner = create_runner("ort", onnx, device="cpu")
+                    runner = open_runner("ort", onnx, device="cpu")
                     runner.activate()  # model load: the start-up, as a Ray worker's
                     load = time.perf_counter() - t0
                     s = run_inference([work / "photos"], out, runner=runner, progress=False)

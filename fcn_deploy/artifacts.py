@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fcn_deploy import __version__
-from fcn_deploy.errors import ArtifactMetadataError, ArtifactNotFoundError, ExportError, first_line
+from fcn_deploy.errors import ArtifactMetadataError, ArtifactNotFoundError, ArtifactReadError, first_line
 from fcn_deploy.fileio import sha256_file
 
 #: ``metadata_props`` key holding the metadata as JSON.
@@ -133,9 +133,9 @@ def meta_from_model(model, source: str = "model") -> dict[str, Any]:
             try:
                 meta = json.loads(prop.value)
             except json.JSONDecodeError as exc:
-                raise ExportError(f"{source}: metadata '{META_KEY}' is not valid JSON ({exc})") from None
+                raise ArtifactReadError(f"{source}: metadata '{META_KEY}' is not valid JSON ({exc})") from None
             return check_normalization(meta, source)
-    raise ExportError(
+    raise ArtifactReadError(
         f"{source} carries no fcn-deploy metadata (metadata_props['{META_KEY}']); "
         "export it with `fcn-deploy export`"
     )
@@ -144,7 +144,7 @@ def meta_from_model(model, source: str = "model") -> dict[str, Any]:
 def read_artifact_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Metadata of an artifact: from an ``.onnx`` file's ``metadata_props`` or a ``.json`` sidecar.
 
-    Raises :class:`ArtifactNotFoundError` when the file is absent and :class:`ExportError` when it
+    Raises :class:`ArtifactNotFoundError` when the file is absent and :class:`ArtifactReadError` when it
     is not an fcn-deploy ONNX / sidecar.
     """
     path = Path(path)
@@ -154,16 +154,16 @@ def read_artifact_meta(path: str | os.PathLike) -> dict[str, Any]:
         try:
             meta = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ExportError(f"{path} is not a JSON metadata sidecar ({exc})") from None
+            raise ArtifactReadError(f"{path} is not a JSON metadata sidecar ({exc})") from None
         if not isinstance(meta, dict) or "tile_hw" not in meta:
-            raise ExportError(f"{path} is not an fcn-deploy metadata sidecar")
+            raise ArtifactReadError(f"{path} is not an fcn-deploy metadata sidecar")
         return check_normalization(meta, str(path))
     return meta_from_model(load_onnx(path), str(path))
 
 
 def load_onnx(path: str | os.PathLike):
     """``onnx.load`` with a missing or unparsable file, or missing or escaping external data
-    (``onnx.checker.ValidationError``), mapped to a one-line :class:`ExportError`."""
+    (``onnx.checker.ValidationError``), mapped to a one-line :class:`ArtifactReadError`."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -173,4 +173,4 @@ def load_onnx(path: str | os.PathLike):
     try:
         return onnx.load(path)
     except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as exc:
-        raise ExportError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None
+        raise ArtifactReadError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None

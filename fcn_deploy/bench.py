@@ -27,6 +27,7 @@ from fcn_deploy import __version__
 from fcn_deploy.errors import UsageError
 from fcn_deploy.fileio import check_writable, write_json_atomic
 from fcn_deploy.outpaths import check_distinct_paths
+from fcn_deploy.runners.base import capabilities_of
 
 #: Installed distributions whose versions a report records (plus any ``tensorrt*``).
 _VERSIONED = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy")
@@ -188,7 +189,7 @@ def _check_images(images) -> None:
 def _timed_call(runner, batch: np.ndarray) -> Callable[[], Any]:
     """What a timed call runs: ``run_staged`` on inputs staged where the runner computes, else
     ``infer`` on host arrays."""
-    if hasattr(runner, "stage") and hasattr(runner, "run_staged"):
+    if capabilities_of(runner).staged:
         staged = runner.stage(batch)
         return lambda: runner.run_staged(staged)
     return lambda: runner.infer(batch)
@@ -219,7 +220,7 @@ def bench_compare(
     """
     import contextlib
 
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
     from fcn_deploy.runners.registry import get_backend
 
     names = list(dict.fromkeys(backends))
@@ -230,7 +231,7 @@ def bench_compare(
         report = check_writable(report, force)
     with contextlib.ExitStack() as stack:
         # --precision goes to the backends that take one (torch, trt); an ONNX decides its own
-        runners = [stack.enter_context(create_runner(
+        runners = [stack.enter_context(open_runner(
             n, device=device, precision=precision if get_backend(n).precision is None else None,
             export_dir=export_dir, engines_dir=engines_dir)) for n in names]
         tile_hw = runners[0].tile_hw
@@ -250,7 +251,7 @@ def bench_compare(
             for i, t in enumerate(times):
                 rows[i].append(latency_stats(t, bs))
         per_backend = [
-            {"backend": name, "artifact": str(getattr(r, "path", None) or getattr(r, "checkpoint", "")),
+            {"backend": name, "artifact": str(r.artifact),
              "device": r.device, "precision": r.meta.get("precision"), "engine": engine}
             for name, r, engine in zip(names, runners, rows)
         ]
@@ -320,7 +321,7 @@ def bench(
 
     Args:
         backend, model, device, precision, export_dir, engines_dir, runner_kwargs: as for
-            :func:`fcn_deploy.runners.create_runner`.
+            :func:`fcn_deploy.runners.open_runner`.
         batch_sizes: tiles per call, each timed separately.
         warmup: untimed calls before each batch size's timed runs.
         iterations: timed calls per batch size (fewer once ``max_seconds`` of them have run,
@@ -343,7 +344,7 @@ def bench(
         engine, stitch, download, encode}} | None, "machine": {...},
         "fcn_deploy_version", "created"}``.
     """
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
 
     batch_sizes = _check_bench_args(batch_sizes, warmup, iterations)
     _check_images(images)
@@ -352,7 +353,7 @@ def bench(
     check_distinct_paths({"--report": report}, {"--model": model, "--images": images})
     if report is not None:
         report = check_writable(report, force)
-    runner = create_runner(
+    runner = open_runner(
         backend, model, device=device, precision=precision, export_dir=export_dir,
         engines_dir=engines_dir, **(runner_kwargs or {}),
     )
@@ -362,14 +363,14 @@ def bench(
             raise UsageError(f"--batch-sizes {too_big[0]}: this {backend} artifact takes at most {runner.max_batch}")
         _check_batch_memory(batch_sizes, runner, backend)
         tiles = random_tiles(max(batch_sizes), runner.tile_hw, runner.meta["mean"], runner.meta["std"])
-        staged_ok = hasattr(runner, "stage") and hasattr(runner, "run_staged")
+        staged_ok = capabilities_of(runner).staged
         engine = []
         for bs in batch_sizes:
             fn = _timed_call(runner, np.ascontiguousarray(tiles[:bs]))
             engine.append(latency_stats(time_runs(fn, warmup, iterations, max_seconds), bs))
         result: dict[str, Any] = {
             "backend": backend,
-            "artifact": str(getattr(runner, "path", None) or getattr(runner, "checkpoint", "")),
+            "artifact": str(runner.artifact),
             "device": runner.device,
             "precision": runner.meta.get("precision"),
             "tile_hw": list(runner.tile_hw),

@@ -240,7 +240,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
     """Segment images of any size (files or folders, recursively) into palette PNG masks."""
     from fcn_deploy.images import set_max_pixels
     from fcn_deploy.infer.pipeline import run_inference
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
 
     set_max_pixels(max_pixels)
     if not output:
@@ -261,7 +261,7 @@ def infer_cmd(paths, output, backend, model, device, batch_size, overlap, window
                    f"{result.startup_seconds:.2f} s; manifest {result.manifest}", err=True)
     else:
         summary = run_inference(
-            paths, output, runner=lambda: create_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,
+            paths, output, runner=lambda: open_runner(backend, model, device=device), batch_size=batch_size, overlap=overlap,
             window=window, overlay=overlay, save_logits=save_logits, skip_existing=skip_existing, workers=workers,
             decode=decode, keep_extension=keep_extension, max_tiles=max_tiles, progress=_show_progress(),
         )

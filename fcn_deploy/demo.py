@@ -150,11 +150,11 @@ def _engine(r: DemoResult) -> str:
 
 def _infer(r: DemoResult, progress: bool) -> str:
     from fcn_deploy.infer.pipeline import run_inference
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
     from fcn_deploy.voc import list_split
 
     photos = [sample.image_path for sample in list_split(r.paths["voc"], "val")]
-    summary = run_inference(photos, r.paths["predictions"], runner=create_runner("ort", r.paths["onnx"], device="cpu"),
+    summary = run_inference(photos, r.paths["predictions"], runner=open_runner("ort", r.paths["onnx"], device="cpu"),
                             overlay=True, progress=progress)
     if summary.failed:
         raise FcnDeployError(f"{len(summary.failed)} images failed: {summary.failed[0][1]}")

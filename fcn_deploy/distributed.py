@@ -29,10 +29,9 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
-from fcn_deploy.errors import FcnDeployError, UsageError, first_line
+from fcn_deploy.errors import ClusterError, FcnDeployError, UsageError, first_line
 
 #: What to install for ``--ray``.
 RAY_EXTRA = "pip install 'fcn-deploy[ray]'"
@@ -69,7 +68,7 @@ def check_address(address: str | None) -> str | None:
 
 
 def probe_cluster(address: str, timeout: float = CONNECT_TIMEOUT_S, label: str | None = None) -> None:
-    """Raise a one-line :class:`~fcn_deploy.errors.FcnDeployError` unless a Ray cluster answers
+    """Raise a one-line :class:`~fcn_deploy.errors.ClusterError` unless a Ray cluster answers
     at ``address`` (``host:port`` of its GCS, or ``ray://host:port`` of its Ray Client server)
     within ``timeout`` seconds: one gRPC call (GCS ``GetClusterId``, Ray Client ``ClusterInfo``
     PING) through grpcio and Ray's own generated stubs; a refusal for want of credentials counts
@@ -109,7 +108,7 @@ def probe_cluster(address: str, timeout: float = CONNECT_TIMEOUT_S, label: str |
             reason = f"nothing there answers as a {what} ({details})"
         else:
             reason = f"{code.name if code else 'error'}: {details}"
-        raise FcnDeployError(f"{label}: cannot join the Ray cluster at {target}: {reason}") from None
+        raise ClusterError(f"{label}: cannot join the Ray cluster at {target}: {reason}") from None
     finally:
         channel.close()
 
@@ -124,7 +123,7 @@ def _probe_tcp(target: str, timeout: float, label: str) -> None:
     except (OSError, ValueError) as exc:
         reason = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else \
             f"nothing listens there ({getattr(exc, 'strerror', None) or exc})"
-        raise FcnDeployError(f"{label}: cannot join the Ray cluster at {target}: {reason}") from None
+        raise ClusterError(f"{label}: cannot join the Ray cluster at {target}: {reason}") from None
 
 
 def _bootstrap(ray, address: str | None) -> tuple[str | None, str | None]:
@@ -139,7 +138,7 @@ def _bootstrap(ray, address: str | None) -> tuple[str | None, str | None]:
     try:
         found = services.canonicalize_bootstrap_address(address)
     except (ConnectionError, ValueError) as exc:
-        raise FcnDeployError(f"--ray {address or ''}: cannot join a Ray cluster: {first_line(exc)}") from None
+        raise ClusterError(f"--ray {address or ''}: cannot join a Ray cluster: {first_line(exc)}") from None
     if found is None:
         return None, None
     return found, ("RAY_ADDRESS" if env else "the record of the latest local cluster")
@@ -188,7 +187,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> tuple
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise FcnDeployError(f"--ray {address or ''}: cannot join the Ray cluster: {first_line(exc)}") from None
+        raise ClusterError(f"--ray {address or ''}: cannot join the Ray cluster: {first_line(exc)}") from None
     finally:
         if joining and previous is None:
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
@@ -207,7 +206,7 @@ def ray_failure(exc: BaseException) -> FcnDeployError:
         if isinstance(e, FcnDeployError):
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return FcnDeployError(f"the Ray run failed: {first_line(exc)}")
+    return ClusterError(f"the Ray run failed: {first_line(exc)}")
 
 
 def gpus_per_worker(backend: str, device: str, gpus: float | None) -> float:
@@ -216,23 +215,11 @@ def gpus_per_worker(backend: str, device: str, gpus: float | None) -> float:
         if gpus < 0:
             raise UsageError(f"--ray-gpus-per-worker must be >= 0, not {gpus}")
         return gpus
-    if device.startswith("cuda"):
+    from fcn_deploy.runners.device import gpu_runtime, is_cuda, resolve_device
+
+    if gpu_runtime(backend) == "trt":  # TensorRT runs on a GPU only (the workers' GPU, not the driver's)
         return 1.0
-    from fcn_deploy.runners.device import resolve_device
-
-    return 1.0 if resolve_device(backend, device, echo=None).startswith("cuda") else 0.0
-
-
-def resolve_artifact(backend: str, model, precision: str | None, export_dir: str | os.PathLike = "export",
-                      engines_dir: str | os.PathLike = "engines") -> tuple[str, str | None]:
-    """(absolute artifact path, precision) as the chain resolves them; stale: refused here."""
-    from fcn_deploy.chain import resolve
-    from fcn_deploy.runners.registry import get_backend
-
-    spec = get_backend(backend)
-    resolved = resolve(backend, model, export_dir=export_dir, engines_dir=engines_dir, precision=precision)
-    path = resolved.require_fresh()
-    return str(Path(path).resolve()), resolved.precision if spec.artifact == "checkpoint" else precision
+    return 1.0 if is_cuda(resolve_device(backend, device, echo=None)) else 0.0
 
 
 def map_workers(ray, rows: list[dict[str, Any]], worker: type, config: dict[str, Any], *, workers: int,

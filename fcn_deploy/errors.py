@@ -44,7 +44,12 @@ class ArtifactNotFoundError(FcnDeployError):
     """A model, ONNX or engine file the command needs is absent."""
 
 
-class CheckpointError(FcnDeployError):
+class ArtifactReadError(FcnDeployError):
+    """An artifact exists but cannot be read as what it claims to be (a corrupt or foreign ONNX,
+    engine or checkpoint): unlike a stale one, rebuilding its parent does not help."""
+
+
+class CheckpointError(ArtifactReadError):
     """A checkpoint is truncated, not a checkpoint, unsafe to load or of another architecture."""
 
 
@@ -86,7 +91,7 @@ class ExportError(FcnDeployError):
     """ONNX export or one of its graph checks failed."""
 
 
-class ArtifactMetadataError(ExportError):
+class ArtifactMetadataError(ArtifactReadError):
     """An artifact's fcn-deploy metadata has a key of the wrong kind (e.g. ``std`` with a zero,
     ``mean`` not three numbers): the message names the file and the key."""
 
@@ -113,6 +118,14 @@ class StaleArtifactError(FcnDeployError):
 
 class InputMismatchError(FcnDeployError):
     """A runner was fed a tensor of the wrong name, dtype or shape."""
+
+
+class RunnerStateError(FcnDeployError):
+    """A runner was used out of order: activated twice, or run before :meth:`activate`."""
+
+
+class ClusterError(FcnDeployError):
+    """The Ray cluster cannot be joined, or a run on it failed (not one image: the run)."""
 
 
 class RequestError(FcnDeployError):

@@ -26,7 +26,6 @@ from fcn_deploy.distributed import (
     gpus_per_worker as _gpus,
     import_ray,
     map_workers,
-    resolve_artifact,
     stream_rows,
     worker_id,
 )
@@ -192,7 +191,7 @@ def evaluate(
     """
     from fcn_deploy import __version__
     from fcn_deploy.report import labelled_prediction_grid, save_png
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
     from fcn_deploy.voc import list_split
 
     if batch_size < 1:
@@ -213,7 +212,7 @@ def evaluate(
                                     export_dir=export_dir, engines_dir=engines_dir, **(ray_options or {}))
         meta, device = {"precision": info["precision"]}, info["device"]
     else:
-        runner = create_runner(backend, model, device=device, export_dir=export_dir, engines_dir=engines_dir)
+        runner = open_runner(backend, model, device=device, export_dir=export_dir, engines_dir=engines_dir)
         with runner:
             result, kept = evaluate_runner(runner, samples, batch_size=batch_size, overlap=overlap,
                                            progress=progress)
@@ -242,12 +241,10 @@ class _EvaluateWorker:
     CONFIG: dict[str, Any] = {}  # set on the subclass :func:`map_workers` makes
 
     def __init__(self) -> None:
-        from fcn_deploy.runners import create_runner
         from fcn_deploy.infer.segmenter import Segmenter, runner_device
 
         config = self.CONFIG
-        runner = create_runner(config["backend"], config["model"], device=config["device"],
-                               precision=config["precision"], **config["runner_options"])
+        runner = config["plan"].open(config["device"], **config["runner_options"])
         kwargs = {} if config["overlap"] is None else {"overlap": config["overlap"]}
         self.seg = Segmenter(runner, batch_size=config["batch_size"], **kwargs)
         self.seg.prepare()
@@ -314,8 +311,11 @@ def evaluate_ray(
     import_ray()
     address = check_address(address)
     gpus = _gpus(backend, device, gpus_per_worker)
-    model_path, precision = resolve_artifact(backend, model, None, export_dir, engines_dir)
-    config = {"backend": backend, "model": model_path, "device": device, "precision": precision,
+    from fcn_deploy.runners import locate_runner
+
+    plan = locate_runner(backend, model, device=None, export_dir=export_dir, engines_dir=engines_dir).absolute()
+    precision = plan.precision
+    config = {"plan": plan, "device": device,
               "batch_size": batch_size, "overlap": overlap, "runner_options": dict(runner_options or {})}
     ray, startup, started = connect(address, num_cpus=num_cpus)
     start = time.perf_counter()

@@ -22,7 +22,7 @@ from fcn_deploy.chain import (
     onnx_staleness,
     resolve,
 )
-from fcn_deploy.errors import ArtifactNotFoundError, ExportError, StaleArtifactError, UsageError
+from fcn_deploy.errors import ArtifactNotFoundError, ArtifactReadError, StaleArtifactError, UsageError
 from fcn_deploy.fileio import sha256_file
 
 
@@ -196,7 +196,7 @@ def test_a_foreign_onnx_is_left_to_the_runner_only_when_named(chain, tmp_path):
     _, fp32, _ = chain
     write_onnx(fp32, None, meta=False)  # no fcn-deploy metadata
     assert resolve("ort", fp32) == Resolved("ort", fp32, "onnx", "fp32")
-    with pytest.raises(ExportError, match="carries no fcn-deploy metadata"):
+    with pytest.raises(ArtifactReadError, match="carries no fcn-deploy metadata"):
         resolve("ort", export_dir=fp32.parent)
 
 

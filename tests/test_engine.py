@@ -25,9 +25,9 @@ from fcn_deploy.trt.sidecar import (
 )
 from fcn_deploy.errors import (
     ArtifactExistsError,
+    ArtifactReadError,
     BackendUnavailableError,
     EngineError,
-    ExportError,
     StaleArtifactError,
     UsageError,
 )
@@ -346,7 +346,7 @@ def test_fp16_onnx_refuses_fp32_build(rtx, fp16_onnx_path, tmp_path):
 def test_garbage_onnx_is_refused(rtx, tmp_path):
     bad = tmp_path / "fcn.onnx"
     bad.write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(ExportError, match="not a readable ONNX"):
+    with pytest.raises(ArtifactReadError, match="not a readable ONNX"):
         build_engine(bad, tmp_path / "x.engine", precision="fp32", flavour="rtx")
     assert not (tmp_path / "x.engine").exists()
 

@@ -184,7 +184,7 @@ def test_evaluate_checks_report_and_grid_paths_before_the_work(voc_root, tmp_pat
     from fcn_deploy.evaluate import evaluate
 
     (tmp_path / "afile").write_text("x")
-    monkeypatch.setattr(runners, "create_runner", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    monkeypatch.setattr(runners, "open_runner", lambda *a, **k: pytest.fail("loaded a model before checking"))
     for option in ("report", "grid"):
         with pytest.raises(FcnDeployError, match=f"--{option} .*afile/out: cannot create a folder there"):
             evaluate(voc_root, **{option: tmp_path / "afile" / "out"})

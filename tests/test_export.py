@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fcn_deploy.artifacts import META_KEY, embed_meta, read_artifact_meta, sidecar_path
 from fcn_deploy.cli import cli
-from fcn_deploy.errors import ArtifactExistsError, ArtifactNotFoundError, ExportError, UsageError, VerificationError
+from fcn_deploy.errors import ArtifactExistsError, ArtifactNotFoundError, ArtifactReadError, ExportError, UsageError, VerificationError
 from fcn_deploy.export.fp16 import check_fp16_typing, convert_fp16
 from fcn_deploy.export.graph import check_graph
 from fcn_deploy.export.torch_export import DEFAULT_OPSET, export_onnx
@@ -200,11 +200,11 @@ def test_read_artifact_meta_refusals(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     foreign = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph), foreign)
-    with pytest.raises(ExportError, match="foreign.onnx carries no fcn-deploy metadata"):
+    with pytest.raises(ArtifactReadError, match="foreign.onnx carries no fcn-deploy metadata"):
         read_artifact_meta(foreign)
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\xff" * 100)
-    with pytest.raises(ExportError, match="garbage.onnx is not a readable ONNX model"):
+    with pytest.raises(ArtifactReadError, match="garbage.onnx is not a readable ONNX model"):
         read_artifact_meta(garbage)
 
 
@@ -447,7 +447,7 @@ def test_build_engine_onnx_with_missing_or_escaping_external_data_is_one_line(tm
     artifacts.load_onnx, which read_artifact_meta and the engine build use)."""
     pytest.importorskip("tensorrt_rtx_bindings")
     path = external_data_onnx(tmp_path / "export", location)
-    with pytest.raises(ExportError, match=f"fcn.onnx is not a readable ONNX model .*{why}"):
+    with pytest.raises(ArtifactReadError, match=f"fcn.onnx is not a readable ONNX model .*{why}"):
         read_artifact_meta(path)
     res = CliRunner().invoke(cli, ["build-engine", str(path), "--fp32", "--trt", "rtx", "-o", str(tmp_path / "e.engine")])
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output

@@ -227,7 +227,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, monkeypatch):
 
     import fcn_deploy.runners as runners
 
-    monkeypatch.setattr(runners, "create_runner", lambda *a, **k: _ConstantRunner(on_batch=terminate))
+    monkeypatch.setattr(runners, "open_runner", lambda *a, **k: _ConstantRunner(on_batch=terminate))
     before = signal.getsignal(signal.SIGTERM)
     res = CliRunner().invoke(cli, ["infer", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--save-logits",
                                    "--batch-size", "2", "--overlap", "32"])

@@ -266,7 +266,7 @@ def test_registry_entry_resolves_and_refuses_stale(int8_export_dir):
     """``ort-int8`` is one registry entry: the chain finds export/fcn.int8.onnx, runs it, and
     refuses it once fcn.onnx changed, like ort-fp16."""
     from fcn_deploy.chain import resolve
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
     from fcn_deploy.runners.registry import BACKENDS, CHECK_BACKENDS, backend_for, get_backend
 
     assert "ort-int8" in BACKENDS and "ort-int8" in CHECK_BACKENDS and backend_for("onnx", "int8") == "ort-int8"
@@ -274,7 +274,7 @@ def test_registry_entry_resolves_and_refuses_stale(int8_export_dir):
     assert (spec.artifact, spec.precision) == ("onnx", "int8")
     resolved = resolve("ort-int8", export_dir=int8_export_dir)
     assert resolved.path == int8_export_dir / "fcn.int8.onnx" and resolved.precision == "int8" and resolved.stale is None
-    with create_runner("ort-int8", export_dir=int8_export_dir, device="cpu") as runner:
+    with open_runner("ort-int8", export_dir=int8_export_dir, device="cpu") as runner:
         assert runner.name == "ort-int8" and runner.meta["precision"] == "int8"
         assert runner.infer(np.zeros((1, 3, *TILE_HW), np.float32)).shape == (1, 21, *TILE_HW)
     with pytest.raises(UsageError, match="use --backend ort-int8 for int8"):
@@ -283,10 +283,10 @@ def test_registry_entry_resolves_and_refuses_stale(int8_export_dir):
     stale = resolve("ort-int8", export_dir=int8_export_dir).stale
     assert "fcn.int8.onnx is stale" in stale and "--int8 --voc-root DIR (or --calib PHOTOS) --force" in stale
     with pytest.raises(StaleArtifactError, match="fcn.int8.onnx is stale"):
-        create_runner("ort-int8", export_dir=int8_export_dir, device="cpu")
+        open_runner("ort-int8", export_dir=int8_export_dir, device="cpu")
     (int8_export_dir / "fcn.int8.onnx").unlink()
     with pytest.raises(ArtifactNotFoundError, match=r"INT8 ONNX model .*fcn.int8.onnx not found; run `fcn-deploy export model.pt -o .*fcn.onnx --int8"):
-        create_runner("ort-int8", export_dir=int8_export_dir, device="cpu")
+        open_runner("ort-int8", export_dir=int8_export_dir, device="cpu")
 
 
 def test_check_int8_gate_names_the_metric(checkpoint_path, int8_export_dir, voc_root, tmp_path):
@@ -387,7 +387,7 @@ def test_int8_cpu_variant(small_onnx, voc_root, int8_export_dir, tmp_path):
     onnxruntime fuses every conv into QLinearConv; build-engine refuses it (TensorRT refuses
     non-zero zero points); a stale one names --int8-cpu."""
     from fcn_deploy.chain import resolve
-    from fcn_deploy.runners import create_runner
+    from fcn_deploy.runners import open_runner
 
     out = int8_export_dir / "fcn.int8-cpu.onnx"
     report = export_int8(int8_export_dir / "fcn.onnx", voc_root=voc_root, calib_tiles=MIN_CALIB_TILES,
@@ -409,7 +409,7 @@ def test_int8_cpu_variant(small_onnx, voc_root, int8_export_dir, tmp_path):
     assert ops.count("QLinearConv") == sum(n.op_type == "Conv" for n in onnx.load(small_onnx).graph.node)
     resolved = resolve("ort-int8-cpu", export_dir=int8_export_dir)
     assert resolved.path == out and resolved.precision == "int8" and resolved.stale is None
-    with create_runner("ort-int8-cpu", export_dir=int8_export_dir, device="cpu") as runner:
+    with open_runner("ort-int8-cpu", export_dir=int8_export_dir, device="cpu") as runner:
         assert runner.name == "ort-int8-cpu" and runner.meta["precision"] == "int8"
     from fcn_deploy.trt.build import build_engine
 

@@ -12,14 +12,14 @@ from onnx import TensorProto, helper
 
 from fcn_deploy.errors import (
     ArtifactNotFoundError,
+    ArtifactReadError,
     BackendUnavailableError,
-    ExportError,
     FcnDeployError,
     InputMismatchError,
     UsageError,
 )
 from fcn_deploy.model import load_checkpoint
-from fcn_deploy.runners import BACKENDS, create_runner
+from fcn_deploy.runners import BACKENDS, open_runner
 from fcn_deploy.runners.base import argmax_labels
 from fcn_deploy.runners.onnxrt import OnnxRuntimeRunner, physical_cores
 from fcn_deploy.runners.torch_runner import TorchRunner
@@ -137,7 +137,7 @@ def test_ort_matches_torch(onnx_path, checkpoint_path):
 
 def test_ort_fp16_artifact_agrees(fp16_onnx_path, checkpoint_path):
     x = _tiles(1, hw=(320, 480), seed=4)
-    with TorchRunner(checkpoint_path) as ref, create_runner("ort-fp16", fp16_onnx_path) as half:
+    with TorchRunner(checkpoint_path) as ref, open_runner("ort-fp16", fp16_onnx_path) as half:
         ref_logits = ref.infer(x)
         logits = half.infer(x)
         labels = half.infer(x, output="labels")
@@ -193,12 +193,12 @@ def test_ort_checks_metadata(onnx_path, tmp_path):
     embed_meta(model, {**meta, "num_classes": 5})
     wrong = tmp_path / "wrong.onnx"
     onnx.save(model, str(wrong))
-    with pytest.raises(ExportError, match="outputs 21 classes but its metadata says 5"):
+    with pytest.raises(ArtifactReadError, match="outputs 21 classes but its metadata says 5"):
         OnnxRuntimeRunner(wrong).activate()
     del model.metadata_props[:]
     bare = tmp_path / "bare.onnx"
     onnx.save(model, str(bare))
-    with pytest.raises(ExportError, match="carries no fcn-deploy metadata"):
+    with pytest.raises(ArtifactReadError, match="carries no fcn-deploy metadata"):
         OnnxRuntimeRunner(bare).activate()
 
 
@@ -227,11 +227,11 @@ def test_ort_rejects_wrong_input(tmp_path):
 
 def test_ort_rejects_wrong_output_and_garbage(tmp_path):
     path = _tiny_onnx(tmp_path / "flat.onnx", ["N", 3, 64, 64], ["N", 12288])
-    with pytest.raises(ExportError, match=r"output is y float32 \(N,12288\), expected logits"):
+    with pytest.raises(ArtifactReadError, match=r"output is y float32 \(N,12288\), expected logits"):
         OnnxRuntimeRunner(path).activate()
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"this is not a protobuf \x00\xff" * 10)
-    with pytest.raises(ExportError, match="garbage.onnx is not a readable ONNX model"):
+    with pytest.raises(ArtifactReadError, match="garbage.onnx is not a readable ONNX model"):
         OnnxRuntimeRunner(garbage).activate()
     with pytest.raises(ArtifactNotFoundError, match="nothing.onnx not found"):
         OnnxRuntimeRunner(tmp_path / "nothing.onnx").activate()
@@ -256,7 +256,7 @@ def test_ort_provider_checks(tmp_path):
 # -- factory -------------------------------------------------------------------------------
 def test_factory_unknown_backend():
     with pytest.raises(UsageError) as err:
-        create_runner("tflite")
+        open_runner("tflite")
     assert str(err.value) == "--backend must be one of torch, ort, ort-fp16, ort-int8, ort-int8-cpu, trt, not 'tflite'"
     assert BACKENDS == ("torch", "ort", "ort-fp16", "ort-int8", "ort-int8-cpu", "trt")
 
@@ -264,27 +264,41 @@ def test_factory_unknown_backend():
 def test_factory_missing_defaults_name_the_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ArtifactNotFoundError) as err:
-        create_runner("torch")
+        open_runner("torch")
     assert str(err.value) == "checkpoint model.pt not found; run `fcn-deploy train -o model.pt` first"
     with pytest.raises(ArtifactNotFoundError) as err:
-        create_runner("ort")
+        open_runner("ort")
     assert str(err.value) == "ONNX model export/fcn.onnx not found; run `fcn-deploy export model.pt` first"
     with pytest.raises(ArtifactNotFoundError, match=r"out/fcn.fp16.onnx not found; run `fcn-deploy export model.pt -o out/fcn.onnx --fp16`"):
-        create_runner("ort-fp16", export_dir="out")
+        open_runner("ort-fp16", export_dir="out")
 
 
 def test_factory_builds_runners(checkpoint_path, tmp_path):
-    runner = create_runner("torch", checkpoint_path, tile_hw=SMALL)
+    runner = open_runner("torch", checkpoint_path, tile_hw=SMALL)
     assert isinstance(runner, TorchRunner) and runner.precision == "fp32" and not runner.is_active
-    ort = create_runner("ort-fp16", tmp_path / "m.onnx", device="cpu")
+    ort = open_runner("ort-fp16", tmp_path / "m.onnx", device="cpu")
     assert isinstance(ort, OnnxRuntimeRunner) and ort.name == "ort-fp16" and ort.providers == ("cpu",)
-    gpu = create_runner("ort", tmp_path / "m.onnx", device="cuda:1")
+    gpu = open_runner("ort", tmp_path / "m.onnx", device="cuda:1")
     assert gpu.providers == ("cuda",) and gpu._device_id == 1
-    assert create_runner("ort", tmp_path / "m.onnx", threads=1, providers=("cpu",)).threads == 1
+    assert open_runner("ort", tmp_path / "m.onnx", threads=1, providers=("cpu",)).threads == 1
     with pytest.raises(UsageError, match="use --backend ort-fp16 for fp16"):
-        create_runner("ort", tmp_path / "m.onnx", precision="fp16")
+        open_runner("ort", tmp_path / "m.onnx", precision="fp16")
     with pytest.raises(UsageError, match="--device must be"):
-        create_runner("ort", tmp_path / "m.onnx", device="gpu")
+        open_runner("ort", tmp_path / "m.onnx", device="gpu")
+
+
+def test_every_runner_names_its_artifact_and_declares_its_capabilities(checkpoint_path, tmp_path):
+    """One attribute for the artifact (bench's JSON reported ``"artifact": ""`` for trt: issue 20)
+    and declared capabilities (bench times ``stage``/``run_staged`` only where declared)."""
+    from fcn_deploy.runners.base import capabilities_of
+    from fcn_deploy.trt.runtime import TensorRTRunner
+
+    engine = tmp_path / "fcn.engine"  # never read: a runner reads its artifact when activated
+    runners = [TorchRunner(checkpoint_path), OnnxRuntimeRunner(tmp_path / "m.onnx"), TensorRTRunner(engine)]
+    assert [str(r.artifact) for r in runners] == [str(checkpoint_path), str(tmp_path / "m.onnx"), str(engine)]
+    staged = [capabilities_of(r).staged for r in runners]
+    assert staged == [True, True, False]
+    assert all(hasattr(r, "stage") and hasattr(r, "run_staged") for r, s in zip(runners, staged) if s)
 
 
 # -- torch tensors in, torch tensors out ---------------------------------------------------
@@ -353,6 +367,8 @@ def test_fixed_batch_runner_pads_a_short_tensor_batch(onnx_path, tmp_path):
 
 # -- --device auto ---------------------------------------------------------------------------
 def test_resolve_device_on_this_machine(capsys):
+    """``auto`` is announced in one line on stderr inside a command (:func:`announce_devices`);
+    a library call prints nothing."""
     from fcn_deploy.runners.device import resolve_device
 
     from fcn_deploy.runners.device import announce_devices
@@ -364,12 +380,41 @@ def test_resolve_device_on_this_machine(capsys):
         assert resolve_device("torch", "auto") == expected
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"device: {expected} (") and "\n" not in line
+    assert capsys.readouterr() == ("", "")  # nothing printed by the library itself
     if expected == "cpu":
         assert line == "device: cpu (no CUDA GPU)"
         with announce_devices():
             assert resolve_device("ort") == "cpu"
     assert resolve_device("trt", "auto", echo=None) == "cuda:0"  # TensorRT always runs on a GPU
     assert capsys.readouterr().err.count("device:") == (1 if expected == "cpu" else 0)
+
+
+@pytest.mark.parametrize("device, expected", [
+    (0, "cuda:0"), (3, "cuda:3"), ("cuda", "cuda:0"), (" CUDA:2 ", "cuda:2"), ("cuda:10", "cuda:10"), ("cpu", "cpu"),
+    ("CPU", "cpu"), ("cuda:01", "cuda:1"),
+])
+def test_parse_device(device, expected):
+    from fcn_deploy.runners.device import device_index, is_cuda, parse_device
+
+    assert parse_device(device) == expected
+    assert is_cuda(device) == (expected != "cpu")
+    if expected != "cpu":
+        assert device_index(device) == int(expected[5:])
+
+
+@pytest.mark.parametrize("device", [-1, "cuda:", "cuda:-1", "cuda:x", "gpu", "0", "cuda0", "", True, None])
+def test_parse_device_refusals_are_one_usage_error(device):
+    from fcn_deploy.runners.device import parse_device
+
+    with pytest.raises(UsageError, match=r"^--device must be auto, cpu, cuda or cuda:N, not "):
+        parse_device(device)
+
+
+def test_device_index_of_the_cpu_is_an_error():
+    from fcn_deploy.runners.device import device_index
+
+    with pytest.raises(UsageError, match="--device cpu has no GPU index"):
+        device_index("cpu")
 
 
 def test_resolve_device_trt_without_gpu_announces_nothing(monkeypatch):
@@ -446,15 +491,15 @@ def test_factory_auto_device_picks_the_backend_runtime(fake_gpu, monkeypatch, ch
     from fcn_deploy.runners.device import announce_devices
 
     with announce_devices():
-        torch_runner = create_runner("torch", checkpoint_path)
-        ort = create_runner("ort", tmp_path / "m.onnx")
+        torch_runner = open_runner("torch", checkpoint_path)
+        ort = open_runner("ort", tmp_path / "m.onnx")
     assert torch_runner.device == "cuda:0" and torch_runner.channels_last is False
     assert ort.providers == ("cuda",) and ort.device == "cuda:0"
     assert capsys.readouterr().err.splitlines() == ["device: cuda:0 (Fake GPU)"] * 2
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    cpu = create_runner("ort", tmp_path / "m.onnx")
+    cpu = open_runner("ort", tmp_path / "m.onnx")
     assert cpu.providers == ("cpu",) and cpu.device == "cpu"
-    assert create_runner("torch", checkpoint_path, device="cpu").device == "cpu"
+    assert open_runner("torch", checkpoint_path, device="cpu").device == "cpu"
 
 
 def test_cli_device_defaults_are_auto():
@@ -537,7 +582,7 @@ def test_fixed_batch_runner_pads_a_short_batch(onnx_path, tmp_path):
 
 
 def test_every_command_refuses_a_stale_onnx_the_same_way(checkpoint_path, onnx_path, fp16_onnx_path, tmp_path):
-    """Issue 10, structure 1: `infer --backend ort` never checked staleness; now create_runner
+    """Issue 10, structure 1: `infer --backend ort` never checked staleness; now open_runner
     (infer, evaluate, bench) resolves through fcn_deploy.chain like check does."""
     import shutil
 
@@ -563,11 +608,11 @@ def test_every_command_refuses_a_stale_onnx_the_same_way(checkpoint_path, onnx_p
     shutil.copy(fp16_onnx_path, export / "fcn.fp16.onnx")
     assert resolve("ort", export_dir=export).stale is None
     with pytest.raises(StaleArtifactError, match=r"fcn.fp16.onnx is stale for .*fcn.onnx: it was made from .*fcn.onnx .*to make it from .*: fcn-deploy export"):
-        create_runner("ort-fp16", export_dir=export)
+        open_runner("ort-fp16", export_dir=export)
     torch.manual_seed(3)
     save_checkpoint(ckpt, FCN().eval())  # the checkpoint changes: fcn.onnx is stale too
     with pytest.raises(StaleArtifactError, match=r"fcn.onnx is stale: .*model.pt has changed since it was made from it \(sha256 \w+ then, \w+ now\)"):
-        create_runner("ort", export_dir=export)
+        open_runner("ort", export_dir=export)
     photos = tmp_path / "photos"
     photos.mkdir()
     res = CliRunner().invoke(cli, ["infer", str(photos), "-o", str(tmp_path / "out"), "--backend", "ort",

@@ -17,7 +17,7 @@ from PIL import Image
 from fcn_deploy.infer import segmenter as segmenter_module
 from fcn_deploy.errors import FcnDeployError, InputMismatchError, UsageError
 from fcn_deploy.images import normalize
-from fcn_deploy.runners.base import Runner, TensorSpec, argmax_labels
+from fcn_deploy.runners.base import Capabilities, Runner, TensorSpec, argmax_labels
 from fcn_deploy.infer.segmenter import DEVICE_BATCHES_IN_FLIGHT, Segmenter, runner_device
 from fcn_deploy.tiling import ImageJob, make_assembler, plan_tiles
 from fcn_deploy.defaults import IMAGENET_MEAN, IMAGENET_STD, VOC_COLORMAP
@@ -548,8 +548,9 @@ def test_activation_errors_propagate_typed():
 
 # -- runner device, bridge, clock -----------------------------------------------------------------
 class NumpyOnly(PointRunner):
-    """A runner that takes numpy only (no tensor path at all)."""
+    """A runner that declares it takes numpy only (no tensor path at all)."""
 
+    capabilities = Capabilities(tensors=False)
     _infer_tensor = None
 
 
@@ -563,18 +564,20 @@ def test_runner_device():
     numpy_only = NumpyOnly()
     numpy_only.device = "cuda:1"
     assert runner_device(numpy_only) == "cpu"
-    assert runner_device(types.SimpleNamespace(_infer_tensor=lambda t, o: t)) == "cpu"
-    assert runner_device(types.SimpleNamespace(device="cuda", _infer_tensor=lambda t, o: t)) == "cuda"
+    # declared, never probed: an object without capabilities is fed numpy, whatever it has
+    assert runner_device(types.SimpleNamespace(device="cuda", _infer_tensor=lambda t, o: t)) == "cpu"
+    assert runner_device(types.SimpleNamespace(capabilities=Capabilities())) == "cpu"  # no device: the CPU
+    assert runner_device(types.SimpleNamespace(device="cuda", capabilities=Capabilities())) == "cuda"
 
 
 class Wrapped:
-    """A runner by duck typing (no Runner subclass) that has no ``_infer_tensor`` at all."""
+    """A runner by duck typing (no Runner subclass) that declares no capabilities."""
 
     def __init__(self, inner):
         self.inner = inner
 
     def __getattr__(self, name):
-        if name == "_infer_tensor":
+        if name in ("_infer_tensor", "capabilities"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 

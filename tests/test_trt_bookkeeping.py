@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fcn_deploy.errors import EngineError, FcnDeployError, InputMismatchError
-from fcn_deploy.trt.runtime import Binding, BatchProfile, binding_table, parse_trt_device
+from fcn_deploy.errors import EngineError, InputMismatchError
+from fcn_deploy.trt.runtime import Binding, BatchProfile, binding_table
 
 LOGITS = ("logits", "OUTPUT", (-1, 21, 64, 64), "FLOAT")
 
@@ -51,20 +51,6 @@ def test_batch_profile_boundaries():
     with pytest.raises(InputMismatchError, match="^trt: received an empty batch$"):
         profile.run_batch(0)
     assert BatchProfile(1, 1, 1).run_batch(1) == 1
-
-
-@pytest.mark.parametrize("device, expected", [
-    (0, "cuda:0"), (3, "cuda:3"), ("cuda", "cuda:0"), (" CUDA:2 ", "cuda:2"), ("cuda:10", "cuda:10"), ("cpu", "cpu"),
-    ("CPU", "cpu"),
-])
-def test_parse_trt_device(device, expected):
-    assert parse_trt_device(device) == expected
-
-
-@pytest.mark.parametrize("device", [-1, "cuda:", "cuda:-1", "cuda:x", "gpu", "0", "cuda0"])
-def test_parse_trt_device_refusals(device):
-    with pytest.raises(FcnDeployError, match=rf"^trt: device must be N, cuda or cuda:N, not {device!r}$"):
-        parse_trt_device(device)
 
 
 def test_host_streams_have_distinct_nonzero_handles():

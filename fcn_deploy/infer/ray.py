@@ -33,11 +33,11 @@ from fcn_deploy.distributed import (
     gpus_per_worker as _gpus,
     import_ray,
     map_workers,
-    resolve_artifact,
     stream_rows,
     worker_id,
 )
-from fcn_deploy.errors import FcnDeployError, UsageError
+from fcn_deploy.errors import ClusterError, UsageError
+from fcn_deploy.runners import locate_runner
 
 #: Manifest written beside the outputs of ``infer --ray``.
 MANIFEST_NAME = "manifest.jsonl"
@@ -56,13 +56,11 @@ class _InferWorker:
 
     def __init__(self) -> None:
         from fcn_deploy.images import set_max_pixels
-        from fcn_deploy.runners import create_runner
         from fcn_deploy.infer.segmenter import Segmenter, runner_device
 
         self.config = config = self.CONFIG
         set_max_pixels(config["max_pixels"])
-        runner = create_runner(config["backend"], config["model"], device=config["device"],
-                               precision=config["precision"], **config["runner_options"])
+        runner = config["plan"].open(config["device"], **config["runner_options"])
         self.seg = Segmenter(runner, batch_size=config["batch_size"], overlap=config["overlap"],
                              window=config["window"], assembler=config["assembler"])
         self.seg.prepare()
@@ -149,7 +147,7 @@ def run_inference_ray(
     ``failed`` or ``skipped``; ``worker`` is ``host:pid``). ``ray_workers`` actors each reserve
     ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (default: 1 when ``device`` resolves
     to CUDA on the driver, else 0; fractions share a GPU); ``workers`` are each actor's decode
-    and encode threads; ``runner_options`` go to :func:`~fcn_deploy.runners.create_runner`
+    and encode threads; ``runner_options`` go to :func:`~fcn_deploy.runners.open_runner`
     (e.g. ``tile_hw``, ``threads``); ``max_pixels`` is the workers' image size limit
     (:func:`~fcn_deploy.images.set_max_pixels`), ``max_tiles`` their work limit and
     ``keep_extension`` the naming, as in :func:`~fcn_deploy.infer.run_inference`. ``num_cpus`` sizes a local cluster this call
@@ -174,14 +172,14 @@ def run_inference_ray(
     import_ray()  # before any work: a missing extra is the first thing said
     address = check_address(address)
     gpus = _gpus(backend, device, gpus_per_worker)
-    model_path, precision = resolve_artifact(backend, model, precision)
+    plan = locate_runner(backend, model, device=None, precision=precision).absolute()
     if not os.fspath(output_dir):
         raise UsageError("-o is empty: name an output folder (e.g. -o predictions)")
     out = Path(os.path.abspath(output_dir))
     items, out, summary, skipped = plan_inputs([os.path.abspath(p) for p in paths], out, overlay=overlay,
                                                save_logits=save_logits, skip_existing=skip_existing,
                                                keep_extension=keep_extension)
-    config = {"backend": backend, "model": model_path, "device": device, "precision": precision,
+    config = {"plan": plan, "device": device,
               "batch_size": batch_size, "overlap": DEFAULT_OVERLAP if overlap is None else overlap,
               "window": window or DEFAULT_WINDOW, "assembler": assembler, "output": str(out),
               "overlay": overlay, "save_logits": save_logits, "workers": workers or max(1, int(cpus_per_worker)),
@@ -230,7 +228,7 @@ def run_inference_ray(
     summary.failed = summary.failed + [(r["input"], r["error"]) for r in done if r["status"] == "failed"]
     missing = [str(i.path) for i in items if str(i.path) not in rows]
     if missing:  # every batch either returned or raised; this guards the bookkeeping
-        raise FcnDeployError(f"--ray: {len(missing)} images came back without a result, e.g. {missing[0]}")
+        raise ClusterError(f"--ray: {len(missing)} images came back without a result, e.g. {missing[0]}")
     manifest = out / MANIFEST_NAME
     if ordered and out.is_dir():  # a run that found nothing to do (a missing input) creates no folder
         write_bytes_atomic(manifest, manifest_bytes(ordered))

@@ -16,7 +16,7 @@ import numpy as np
 from fcn_deploy.errors import InputMismatchError, UsageError
 from fcn_deploy.images import load_rgb
 from fcn_deploy.infer.limits import check_batch_size
-from fcn_deploy.runners.base import Output, Runner
+from fcn_deploy.runners.base import Output, Runner, capabilities_of
 from fcn_deploy.tiling import (
     ASSEMBLER_KINDS,
     DEFAULT_OVERLAP,
@@ -42,11 +42,11 @@ DEVICE_BATCHES_IN_FLIGHT = 3
 
 def runner_device(runner: Runner) -> str:
     """Where ``runner`` wants its input tiles: its ``device`` ("cpu", "cuda", "cuda:N") when it
-    takes torch tensors (implements ``_infer_tensor``), else "cpu" (host numpy)."""
-    device = str(getattr(runner, "device", "cpu") or "cpu")
-    if not callable(getattr(runner, "_infer_tensor", None)):
+    takes torch tensors (``capabilities.tensors``: every :class:`Runner`), else "cpu" (host
+    numpy: an object that declares no capabilities)."""
+    if not capabilities_of(runner).tensors:
         return "cpu"
-    return device
+    return str(getattr(runner, "device", None) or "cpu")
 
 
 class Segmenter:
@@ -157,7 +157,7 @@ class Segmenter:
         self.assembler.clock = self.clock
         self._host_writer = make_assembler("numpy", **kwargs)
         # a runner without tensor inputs behind the torch assembler (then on the CPU): via numpy
-        self._bridge = self.assembler.kind == "torch" and not callable(getattr(self.runner, "_infer_tensor", None))
+        self._bridge = self.assembler.kind == "torch" and not capabilities_of(self.runner).tensors
 
     def close(self) -> None:
         if self._owns_activation:

@@ -11,6 +11,7 @@ import numpy as np
 
 from fcn_deploy.errors import (
     ArtifactNotFoundError,
+    ArtifactReadError,
     BackendUnavailableError,
     EngineError,
     ExportError,
@@ -64,9 +65,9 @@ def parse_backends(backends: str | list[str] | tuple[str, ...]) -> tuple[list[st
 
 def _open_backends(names: list[str], wants_all: bool, model: Path, export_dir: Path, engines_dir: Path,
                    device: str, strict: bool, stack: contextlib.ExitStack) -> tuple[list[BackendParity], dict[str, Any]]:
-    """Resolve, create and activate each backend; return every entry and the active runners."""
-    from fcn_deploy.chain import resolve
-    from fcn_deploy.runners.registry import get_backend
+    """Open (:func:`~fcn_deploy.runners.open_runner`) and activate each backend; return every
+    entry and the active runners."""
+    from fcn_deploy.runners import open_runner
 
     entries, runners, problems = [], {}, []
     for name in names:
@@ -74,25 +75,21 @@ def _open_backends(names: list[str], wants_all: bool, model: Path, export_dir: P
         entries.append(entry)
         kind, reason = "ok", None
         try:
-            resolved = resolve(name, export_dir=export_dir, engines_dir=engines_dir, checkpoint=model)
-            if resolved.stale:
-                kind, reason = "stale", resolved.stale
+            runner = open_runner(name, device=device, export_dir=export_dir, engines_dir=engines_dir,
+                                 checkpoint=model)
+            stack.enter_context(runner)
+            entry.artifact = str(runner.artifact)
+            entry.precision = runner.meta.get("precision")
+            if entry.precision is None:
+                kind, reason = "stale", f"{entry.artifact} records no precision in its metadata"
             else:
-                from fcn_deploy.runners.device import resolve_device
-
-                runner = get_backend(name).factory(resolved.path, device=resolve_device(name, device), precision=None)
-                stack.enter_context(runner)
-                entry.artifact = str(resolved.path)
-                entry.precision = runner.meta.get("precision")
-                if entry.precision is None:
-                    kind, reason = "stale", f"{entry.artifact} records no precision in its metadata"
-                else:
-                    runners[name] = runner
-        except (ArtifactNotFoundError, BackendUnavailableError, EngineError, ExportError, StaleArtifactError) as exc:
+                runners[name] = runner
+        except (ArtifactNotFoundError, ArtifactReadError, BackendUnavailableError, EngineError, ExportError,
+                StaleArtifactError) as exc:
             # missing / unavailable (not built, no GPU): tolerated under ``all --strict``;
             # stale or unreadable: never
             kind = "missing" if isinstance(exc, ArtifactNotFoundError) else "unavailable"
-            if isinstance(exc, (ExportError, StaleArtifactError)):
+            if isinstance(exc, (ArtifactReadError, ExportError, StaleArtifactError)):
                 kind = "stale"
             reason = str(exc)
         if name not in runners:

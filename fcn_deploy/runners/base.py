@@ -14,6 +14,11 @@ host round trip where the backend supports it). The base class checks dtype, sha
 of what it is fed and says "received X, expected Y"; subclasses implement ``_activate``,
 ``_infer`` (numpy) and ``_deactivate``, and may implement ``_infer_tensor`` (the default goes
 through ``_infer`` on the host).
+
+What a runner is and can do is declared, never probed: :attr:`Runner.artifact` (the file it
+runs), :attr:`Runner.device` (where it computes and wants tensors), :attr:`Runner.capabilities`
+(:class:`Capabilities`: whether device tensors stay on the device, whether it can stage inputs
+for engine-only timing, how :attr:`Runner.last_inference_time` is measured).
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from fcn_deploy.errors import FcnDeployError, InputMismatchError
+from fcn_deploy.errors import InputMismatchError, RunnerStateError, UsageError
 
 Output = Literal["logits", "labels"]
 
@@ -46,6 +52,37 @@ class TensorSpec:
         return f"{self.name} {self.dtype} ({dims})"
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runner can do, declared by each runner class (or instance) instead of being probed.
+
+    Attributes:
+        tensors: :meth:`Runner.infer` accepts ``torch.Tensor`` tiles on :attr:`Runner.device`
+            and returns tensors there (every :class:`Runner`: through the host by default).
+        device_tensors: ... and consumes them where they are, with no host round trip.
+        staged: ``stage(tiles)`` places a batch where the runner computes once and
+            ``run_staged(staged)`` runs it to completion: what ``bench`` times as "engine only".
+        event_timing: :attr:`Runner.last_inference_time` of a CUDA tensor call is measured by
+            CUDA events on the caller's stream (device time); otherwise host wall time.
+    """
+
+    tensors: bool = True
+    device_tensors: bool = False
+    staged: bool = False
+    event_timing: bool = True
+
+
+#: The capabilities of an object used as a runner that declares none (duck typing: numpy only).
+HOST_ONLY = Capabilities(tensors=False, device_tensors=False, staged=False, event_timing=False)
+
+
+def capabilities_of(runner: Any) -> Capabilities:
+    """``runner.capabilities``; :data:`HOST_ONLY` for an object that is no :class:`Runner`
+    and declares none (it is then fed numpy arrays only)."""
+    declared = getattr(runner, "capabilities", None)
+    return declared if isinstance(declared, Capabilities) else HOST_ONLY
+
+
 def is_tensor(value: Any) -> bool:
     """True for a ``torch.Tensor`` (without importing torch: no tensor exists before it is)."""
     torch = sys.modules.get("torch")
@@ -55,9 +92,11 @@ def is_tensor(value: Any) -> bool:
 class Runner:
     """Base class of every backend runner.
 
-    Subclasses set :attr:`name` and :attr:`device`, fill :attr:`input_spec` / :attr:`meta` (at
-    the latest in ``_activate``) and implement ``_activate``, ``_infer`` and ``_deactivate``;
-    ``_infer_tensor`` where the backend can take device tensors.
+    Subclasses set :attr:`name`, :attr:`device` and :attr:`capabilities`, pass their artifact to
+    ``__init__``, fill :attr:`input_spec` / :attr:`meta` (at the latest in ``_activate``) and
+    implement ``_activate``, ``_infer`` and ``_deactivate``; ``_infer_tensor`` where the backend
+    can take device tensors (then ``capabilities.device_tensors``), ``stage`` / ``run_staged``
+    where it can stage inputs (then ``capabilities.staged``).
     """
 
     #: Short backend name used on the command line and in reports ("torch", "ort", "trt").
@@ -65,8 +104,12 @@ class Runner:
     #: Where the runner wants tensor inputs: ``"cpu"`` or ``"cuda:N"`` (numpy inputs are
     #: accepted whatever the device).
     device: str = "cpu"
+    #: What it can do (:class:`Capabilities`); runners override it.
+    capabilities: Capabilities = Capabilities()
 
-    def __init__(self) -> None:
+    def __init__(self, artifact: str | Path | None = None) -> None:
+        #: The file this runner runs (checkpoint, ONNX or engine), as given.
+        self.artifact: Path | None = None if artifact is None else Path(artifact)
         self.is_active = False
         #: Spec of the image input; batch dimension -1 when dynamic.
         self.input_spec: TensorSpec | None = None
@@ -106,7 +149,7 @@ class Runner:
     # -- lifecycle -----------------------------------------------------------------------
     def activate(self) -> "Runner":
         if self.is_active:
-            raise FcnDeployError(f"{self.name} runner is already active")
+            raise RunnerStateError(f"{self.name} runner is already active")
         self._activate()
         self.is_active = True
         self._last_time = self._total_time = 0.0
@@ -134,7 +177,7 @@ class Runner:
     def tile_hw(self) -> tuple[int, int]:
         """(height, width) of the tiles this runner takes."""
         if self.input_spec is None:
-            raise FcnDeployError(f"{self.name} runner: input spec unknown before activate()")
+            raise RunnerStateError(f"{self.name} runner: input spec unknown before activate()")
         return int(self.input_spec.shape[2]), int(self.input_spec.shape[3])
 
     def _check_layout(self, dtype: str, shape: tuple[int, ...], where: str = "") -> None:
@@ -159,7 +202,7 @@ class Runner:
         """Validate numpy ``tiles`` against :attr:`input_spec`; return a C-contiguous array."""
         spec = self.input_spec
         if spec is None:
-            raise FcnDeployError(f"{self.name} runner must be activated before infer()")
+            raise RunnerStateError(f"{self.name} runner must be activated before infer()")
         if not isinstance(tiles, np.ndarray):
             raise InputMismatchError(
                 f"{self.name}: received {type(tiles).__name__}, expected numpy.ndarray or torch.Tensor "
@@ -174,7 +217,7 @@ class Runner:
         import torch
 
         if self.input_spec is None:
-            raise FcnDeployError(f"{self.name} runner must be activated before infer()")
+            raise RunnerStateError(f"{self.name} runner must be activated before infer()")
         where = f" on {tiles.device}"
         self._check_layout(str(tiles.dtype).removeprefix("torch."), tuple(tiles.shape), where)
         if tiles.device != torch.device(self.device):
@@ -199,7 +242,7 @@ class Runner:
             a larger buffer; on CUDA ordered after the call on the caller's current stream).
         """
         if output not in ("logits", "labels"):
-            raise FcnDeployError(f"output must be 'logits' or 'labels', not {output!r}")
+            raise UsageError(f"output must be 'logits' or 'labels', not {output!r}")
         if is_tensor(tiles):
             return self._infer_checked_tensor(tiles, output)
         tiles = self.check_input(tiles)

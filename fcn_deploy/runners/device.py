@@ -1,6 +1,8 @@
-"""``--device auto``: pick CUDA when a GPU and the backend's GPU runtime are present, else CPU.
+"""Device strings: the one parser of ``--device`` (:func:`parse_device`, one error type:
+:class:`~fcn_deploy.errors.UsageError`) and ``--device auto`` (:func:`resolve_device`: CUDA when
+a GPU and the backend's GPU runtime are present, else CPU).
 
-:func:`resolve_device` is the one place this is decided (``create_runner`` and the commands
+:func:`resolve_device` is the one place this is decided (:func:`~fcn_deploy.runners.open_runner` and the commands
 call it); in a command it says what it chose on stderr, e.g. ``device: cuda:0 (NVIDIA H200)`` or
 ``device: cpu (no CUDA GPU)`` (library calls stay silent: :func:`announce_devices`). Explicit ``cpu`` / ``cuda`` / ``cuda:N`` are only normalised:
 a runner that cannot use the requested GPU says so when it is activated.
@@ -14,23 +16,43 @@ from typing import Any, Callable, Iterator
 
 from fcn_deploy.errors import UsageError
 
+
 #: Values ``--device`` accepts (``cuda:N`` besides).
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def parse_device(device: str) -> str:
-    """Accept ``cpu``, ``cuda`` or ``cuda:N``; return ``cpu`` or ``cuda:N`` (``cuda`` is GPU 0).
+def parse_device(device: str | int) -> str:
+    """Accept ``cpu``, ``cuda``, ``cuda:N`` or a GPU index N; return ``cpu`` or ``cuda:N``
+    (``cuda`` is GPU 0). The one parser of a device string: anything else is a
+    :class:`~fcn_deploy.errors.UsageError` naming ``--device``.
 
-    ``auto`` is resolved per backend by :func:`fcn_deploy.runners.device.resolve_device`.
+    ``auto`` is resolved per backend by :func:`resolve_device`.
     """
-    device = str(device).strip().lower()
-    if device == "cpu":
-        return device
-    if device == "cuda":
-        return "cuda:0"
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return f"cuda:{int(device[5:])}"
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device >= 0:
+            return f"cuda:{device}"
+    else:
+        text = str(device).strip().lower()
+        if text == "cpu":
+            return text
+        if text == "cuda":
+            return "cuda:0"
+        if text.startswith("cuda:") and text[5:].isdigit():
+            return f"cuda:{int(text[5:])}"
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+
+
+def is_cuda(device: str) -> bool:
+    """True for a CUDA device string (``cuda``, ``cuda:N``)."""
+    return parse_device(device) != "cpu"
+
+
+def device_index(device: str | int) -> int:
+    """The GPU index of a CUDA device (``cuda`` is 0); :class:`UsageError` for ``cpu``."""
+    parsed = parse_device(device)
+    if parsed == "cpu":
+        raise UsageError("--device cpu has no GPU index")
+    return int(parsed[5:])
 
 
 def _stderr(line: str) -> None:
@@ -60,7 +82,7 @@ def ort_cuda_provider() -> tuple[bool, str]:
     return False, f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
 
 
-def _runtime(backend: str) -> str:
+def gpu_runtime(backend: str) -> str:
     """Which GPU runtime a backend needs: ``trt`` (always a GPU), ``ort`` or ``torch``."""
     if backend.startswith("trt"):
         return "trt"
@@ -106,7 +128,7 @@ def resolve_device(backend: str, requested: str = "auto", *, echo: Any = _DEFAUL
     value = str(requested).strip().lower()
     if value != "auto":
         return parse_device(value)
-    runtime = _runtime(backend)
+    runtime = gpu_runtime(backend)
     gpu, name = cuda_gpu()
     if runtime == "trt":
         if not gpu:  # nothing to announce: activating the runner says, in one line, that there is no GPU

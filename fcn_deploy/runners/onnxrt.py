@@ -37,12 +37,12 @@ import numpy as np
 from fcn_deploy.errors import (
     ArtifactNotFoundError,
     BackendUnavailableError,
-    ExportError,
+    ArtifactReadError,
     InputMismatchError,
     UsageError,
     first_line,
 )
-from fcn_deploy.runners.base import Output, Runner, TensorSpec, argmax_labels
+from fcn_deploy.runners.base import Capabilities, Output, Runner, TensorSpec, argmax_labels
 
 #: Short provider names accepted on the command line -> onnxruntime execution providers.
 PROVIDERS = {
@@ -180,8 +180,7 @@ class OnnxRuntimeRunner(Runner):
         max_batch: int | None = None,
         profile: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__()
-        self.path = Path(onnx_path)
+        super().__init__(onnx_path)
         if isinstance(providers, str):
             providers = providers.split(",")
         self.providers = tuple(p.strip().lower() for p in providers if p.strip())
@@ -214,13 +213,20 @@ class OnnxRuntimeRunner(Runner):
         self._static: dict[str, Any] = {}  # CUDA graph: fixed input/output buffers
         self._static_binding: Any = None
 
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """Device tensors stay on the GPU with the CUDA provider (IO bound to torch's memory on a
+        shared stream); the CPU and TensorRT providers take them through the host. Every
+        provider can stage inputs for bench (an IO binding on the TensorRT provider)."""
+        return Capabilities(device_tensors=self.providers[0] == "cuda", staged=True)
+
     # -- lifecycle -----------------------------------------------------------------------
     def _activate(self) -> None:
         import onnx
         import onnxruntime as ort
 
-        if not self.path.is_file():
-            raise ArtifactNotFoundError(f"ONNX model {self.path} not found")
+        if not self.artifact.is_file():
+            raise ArtifactNotFoundError(f"ONNX model {self.artifact} not found")
         available = ort.get_available_providers()
         missing = [p for p in self.providers if PROVIDERS[p] not in available]
         if missing:
@@ -231,17 +237,17 @@ class OnnxRuntimeRunner(Runner):
                 "on a machine with CUDA to use it"
             )
         try:
-            model = onnx.load(str(self.path))
+            model = onnx.load(str(self.artifact))
         except Exception as exc:  # DecodeError, missing external data, ...
-            raise ExportError(f"{self.path} is not a readable ONNX model: {first_line(exc)}") from None
+            raise ArtifactReadError(f"{self.artifact} is not a readable ONNX model: {first_line(exc)}") from None
         spec = self._check_io(model)
         from fcn_deploy.artifacts import check_normalization, meta_from_model
 
-        meta = dict(check_normalization(meta_from_model(model, str(self.path)), str(self.path), required=True))
+        meta = dict(check_normalization(meta_from_model(model, str(self.artifact)), str(self.artifact), required=True))
         classes = _dims(model.graph.output[0])[1]
         if isinstance(classes, int) and classes != meta.get("num_classes", classes):
-            raise ExportError(
-                f"{self.path}: the graph outputs {classes} classes but its metadata says {meta['num_classes']}"
+            raise ArtifactReadError(
+                f"{self.artifact}: the graph outputs {classes} classes but its metadata says {meta['num_classes']}"
             )
         self._labels_name = None
         logits_elem = model.graph.output[0].type.tensor_type.elem_type
@@ -259,7 +265,7 @@ class OnnxRuntimeRunner(Runner):
         self.max_batch = spec.shape[0] if spec.shape[0] > 0 else self._max_batch_arg
         if self.cuda_graph and not self.max_batch:
             raise UsageError(
-                f"enable_cuda_graph needs a fixed batch: {self.path} has a dynamic batch; "
+                f"enable_cuda_graph needs a fixed batch: {self.artifact} has a dynamic batch; "
                 "pass max_batch (every call is padded to it) or export with --batch"
             )
         cuda_options = dict(self.cuda_options)
@@ -271,7 +277,7 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
             self._stream = None
             extra = f" with CUDA options {self.cuda_options}" if self.cuda_options else ""
-            raise ExportError(f"onnxruntime cannot load {self.path}{extra}: {first_line(exc)}") from None
+            raise ArtifactReadError(f"onnxruntime cannot load {self.artifact}{extra}: {first_line(exc)}") from None
         self.input_spec = spec
         self._logits_dtype = "float16" if logits_elem == onnx.TensorProto.FLOAT16 else "float32"
         self._num_classes = int(meta.get("num_classes") or classes)
@@ -340,7 +346,7 @@ class OnnxRuntimeRunner(Runner):
         inputs = [i for i in graph.input if i.name not in initializers]
         if len(inputs) != 1:
             raise InputMismatchError(
-                f"{self.path}: has {len(inputs)} inputs ({', '.join(_describe(i) for i in inputs)}), "
+                f"{self.artifact}: has {len(inputs)} inputs ({', '.join(_describe(i) for i in inputs)}), "
                 "expected one float32 (N,3,H,W) image"
             )
         inp = inputs[0]
@@ -352,17 +358,17 @@ class OnnxRuntimeRunner(Runner):
             or not all(isinstance(d, int) and d > 0 for d in dims[2:])
         ):
             raise InputMismatchError(
-                f"{self.path}: input is {_describe(inp)}, expected float32 (N,3,H,W) with fixed H and W"
+                f"{self.artifact}: input is {_describe(inp)}, expected float32 (N,3,H,W) with fixed H and W"
             )
         if not graph.output:
-            raise ExportError(f"{self.path}: the graph has no output")
+            raise ArtifactReadError(f"{self.artifact}: the graph has no output")
         out = graph.output[0]
         out_dims = _dims(out)
         if out.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or (
             len(out_dims) != 4 or out_dims[2:] != dims[2:]
         ):
-            raise ExportError(
-                f"{self.path}: output is {_describe(out)}, expected logits float32 or float16 "
+            raise ArtifactReadError(
+                f"{self.artifact}: output is {_describe(out)}, expected logits float32 or float16 "
                 f"(N,C,{dims[2]},{dims[3]})"
             )
         self._logits_name = out.name

@@ -1,7 +1,7 @@
 """The backend registry: one :class:`BackendSpec` per ``--backend`` name.
 
 A spec says what the backend runs (artifact kind and precision), how to build its runner, whether
-it can run here and what to install when it cannot. ``create_runner``, the CLI's ``--backend``
+it can run here and what to install when it cannot. ``open_runner``, the CLI's ``--backend``
 choices and ``check``'s backend list all come from :data:`REGISTRY`; adding a backend is one entry
 (``ort-int8`` is the last one added).
 """
@@ -35,11 +35,12 @@ def _torch_factory(path: Path, *, device: str, precision: str | None, **kwargs: 
 
 def _ort_factory(name: str) -> Callable[..., Any]:
     def make(path: Path, *, device: str, precision: str | None, **kwargs: Any):
+        from fcn_deploy.runners.device import device_index, is_cuda
         from fcn_deploy.runners.onnxrt import OnnxRuntimeRunner
 
-        if device.startswith("cuda"):
+        if is_cuda(device):
             kwargs.setdefault("providers", ("cuda",))
-            kwargs.setdefault("device_id", int(device.partition(":")[2] or 0))
+            kwargs.setdefault("device_id", device_index(device))
         runner = OnnxRuntimeRunner(path, **kwargs)
         runner.name = name
         return runner
@@ -50,8 +51,9 @@ def _ort_factory(name: str) -> Callable[..., Any]:
 def _trt_factory(path: Path, *, device: str, precision: str | None, **kwargs: Any):
     from fcn_deploy.trt.runtime import TensorRTRunner
 
-    # TensorRT always runs on a GPU; "cuda:N" picks which (default 0, also for "cpu").
-    return TensorRTRunner(path, device=int(device.partition(":")[2] or 0), **kwargs)
+    # TensorRT runs on a GPU: "cuda:N" picks which; "cpu" is refused unless a fake TensorRT is
+    # passed (``trt=``: the tests' recording fake runs on host tensors)
+    return TensorRTRunner(path, device=device, **kwargs)
 
 
 @dataclass(frozen=True)

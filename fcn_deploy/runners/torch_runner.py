@@ -13,13 +13,12 @@ host-to-host labels call 28 ms, of which 18 ms forward).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from fcn_deploy.errors import BackendUnavailableError, UsageError
-from fcn_deploy.runners.base import Output, Runner, TensorSpec
+from fcn_deploy.runners.base import Capabilities, Output, Runner, TensorSpec
 from fcn_deploy.defaults import TILE_HW
 
 PRECISIONS = ("fp32", "fp16")
@@ -62,6 +61,8 @@ class TorchRunner(Runner):
     """
 
     name = "torch"
+    #: Tensors stay on the device (the model runs on them); inputs can be staged for bench.
+    capabilities = Capabilities(device_tensors=True, staged=True)
 
     def __init__(
         self,
@@ -72,8 +73,7 @@ class TorchRunner(Runner):
         tile_hw: tuple[int, int] = TILE_HW,
         channels_last: bool | None = None,
     ) -> None:
-        super().__init__()
-        self.checkpoint = Path(checkpoint)
+        super().__init__(checkpoint)
         from fcn_deploy.runners.device import resolve_device
 
         self.device = resolve_device("torch", device)  # "auto": CUDA if torch sees a GPU
@@ -109,7 +109,7 @@ class TorchRunner(Runner):
                 raise BackendUnavailableError(
                     f"--device {self.device}: only {torch.cuda.device_count()} CUDA device(s) visible"
                 )
-        model, meta = load_checkpoint(self.checkpoint)
+        model, meta = load_checkpoint(self.artifact)
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
         model = model.to(device=self.device, dtype=dtype)
         if self.channels_last:

@@ -118,7 +118,7 @@ class SegmentCore:
     """One activated runner and Segmenter, warmed up (one full engine batch) before use.
 
     ``runner``: an inactive runner to use (tests); default: the one ``settings`` name, made by
-    :func:`fcn_deploy.runners.create_runner` (the chain's artifact, refused when stale).
+    :func:`fcn_deploy.runners.open_runner` (the chain's artifact, refused when stale).
     """
 
     def __init__(self, settings: ServeSettings, runner: Any = None) -> None:
@@ -130,9 +130,9 @@ class SegmentCore:
         self.settings = settings
         set_max_pixels(settings.max_pixels)  # PIL's decompression-bomb limit follows ours
         if runner is None:
-            from fcn_deploy.runners import create_runner
+            from fcn_deploy.runners import open_runner
 
-            runner = create_runner(settings.backend, settings.model, device=settings.device,
+            runner = open_runner(settings.backend, settings.model, device=settings.device,
                                    precision=settings.precision, **settings.runner_options)
         self.seg = Segmenter(runner, batch_size=settings.batch_size, overlap=settings.overlap, window=settings.window)
         self.seg.prepare()

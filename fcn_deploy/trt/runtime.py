@@ -33,8 +33,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from fcn_deploy.errors import EngineError, FcnDeployError, InputMismatchError
-from fcn_deploy.runners.base import Output, Runner, TensorSpec
+from fcn_deploy.errors import EngineError, InputMismatchError, UsageError
+from fcn_deploy.runners.base import Capabilities, Output, Runner, TensorSpec
+from fcn_deploy.runners.device import device_index, parse_device
 from fcn_deploy.trt.flavour import FLAVOURS, TRT_TO_NUMPY, collecting_logger, gc_paused
 from fcn_deploy.trt.sidecar import (
     LABELS_OUTPUT,
@@ -144,26 +145,6 @@ class BatchProfile:
 
 
 # --- devices and streams ---------------------------------------------------------------------------
-def parse_trt_device(device: int | str) -> str:
-    """``0``, ``"cuda"``, ``"cuda:N"`` -> ``"cuda:N"``; ``"cpu"`` stays (CPU tensors, only for a
-    fake TensorRT in tests: a real engine runs on an NVIDIA GPU only)."""
-    if isinstance(device, int):
-        index = device
-    else:
-        text = str(device).strip().lower()
-        if text == "cpu":
-            return "cpu"
-        if text == "cuda":
-            index = 0
-        elif text.startswith("cuda:") and text[5:].isdigit():
-            index = int(text[5:])
-        else:
-            raise FcnDeployError(f"trt: device must be N, cuda or cuda:N, not {device!r}")
-    if index < 0:
-        raise FcnDeployError(f"trt: device must be N, cuda or cuda:N, not {device!r}")
-    return f"cuda:{index}"
-
-
 class _CudaStream:
     """The runner's non-default torch CUDA stream on one device, and the waits around execute."""
 
@@ -235,12 +216,16 @@ class TensorRTRunner(Runner):
     """
 
     name = "trt"
+    #: Tensors stay on the GPU (bound as the engine's IO); bench times it through infer.
+    capabilities = Capabilities(device_tensors=True, staged=False)
 
     def __init__(self, engine_path: str | Path, *, device: int | str = 0, trt: ModuleType | None = None) -> None:
-        super().__init__()
-        self.engine_path = Path(engine_path)
+        super().__init__(engine_path)
         #: ``"cuda:N"``: where :meth:`infer` takes and returns tensors.
-        self.device = parse_trt_device(device)
+        self.device = parse_device(device)
+        if self.device == "cpu" and trt is None:
+            raise UsageError("--backend trt runs TensorRT engines on an NVIDIA GPU only, not --device cpu; "
+                             "use --backend ort (onnxruntime) or torch on the CPU")
         self._trt_module = trt
         self._logger: Any = None
         self._runtime: Any = None
@@ -253,31 +238,31 @@ class TensorRTRunner(Runner):
 
     @property
     def _index(self) -> int:
-        return int(self.device.partition(":")[2] or 0)
+        return 0 if self.device == "cpu" else device_index(self.device)
 
     # -- activation ------------------------------------------------------------------------------
     def _activate(self) -> None:
-        if not self.engine_path.is_file():
-            raise EngineError(f"engine {self.engine_path} not found; build one with fcn-deploy build-engine")
-        sidecar = read_sidecar(self.engine_path)
-        check_engine_file(self.engine_path, sidecar)
+        if not self.artifact.is_file():
+            raise EngineError(f"engine {self.artifact} not found; build one with fcn-deploy build-engine")
+        sidecar = read_sidecar(self.artifact)
+        check_engine_file(self.artifact, sidecar)
         try:
             flavour = FLAVOURS.get(sidecar["trt"]["flavour"])
             if flavour is None:
-                raise EngineError(f"{self.engine_path}: unknown TensorRT flavour {sidecar['trt']['flavour']!r}")
+                raise EngineError(f"{self.artifact}: unknown TensorRT flavour {sidecar['trt']['flavour']!r}")
             gpu = gpu_info(self._index)  # no NVIDIA GPU: say so before asking to install TensorRT
             trt = self._trt_module if self._trt_module is not None else flavour.load()
             machine = {"trt": {flavour.name: trt.__version__}, "gpu": gpu, "gpu_error": None}
             reason = engine_mismatch(sidecar, machine, onnx_sha256=current_onnx_sha256(sidecar))
         except (KeyError, TypeError) as exc:
             raise EngineError(
-                f"{self.engine_path}: incomplete sidecar (missing {exc}); rebuild the engine with fcn-deploy build-engine"
+                f"{self.artifact}: incomplete sidecar (missing {exc}); rebuild the engine with fcn-deploy build-engine"
             ) from None
         if reason is not None:
-            raise EngineError(f"{self.engine_path.name}: {reason}; rebuild it: {rebuild_hint(sidecar)}")
+            raise EngineError(f"{self.artifact.name}: {reason}; rebuild it: {rebuild_hint(sidecar)}")
         from fcn_deploy.artifacts import check_normalization
 
-        check_normalization(sidecar, str(sidecar_path(self.engine_path)))
+        check_normalization(sidecar, str(sidecar_path(self.artifact)))
         try:
             self._load(trt, sidecar)
         except BaseException:
@@ -287,7 +272,7 @@ class TensorRTRunner(Runner):
 
     def _fail(self, what: str) -> EngineError:
         """One-line EngineError for a failed TensorRT call, with what TensorRT logged."""
-        return EngineError(f"trt: {what} ({self.engine_path.name}): {self._logger.take()}")
+        return EngineError(f"trt: {what} ({self.artifact.name}): {self._logger.take()}")
 
     @gc_paused()
     def _load(self, trt: ModuleType, sidecar: dict[str, Any]) -> None:
@@ -297,10 +282,10 @@ class TensorRTRunner(Runner):
         self._logger = collecting_logger(trt)
         with self._stream.current():
             self._runtime = trt.Runtime(self._logger)
-            self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+            self._engine = self._runtime.deserialize_cuda_engine(self.artifact.read_bytes())
             if self._engine is None:
                 raise EngineError(
-                    f"{self.engine_path}: {sidecar['trt']['label']} {trt.__version__} cannot deserialise it "
+                    f"{self.artifact}: {sidecar['trt']['label']} {trt.__version__} cannot deserialise it "
                     f"({self._logger.take()}); rebuild it: {rebuild_hint(sidecar)}"
                 )
             engine = self._engine
@@ -384,7 +369,7 @@ class TensorRTRunner(Runner):
                 if got != b.shape_for(run):
                     raise EngineError(
                         f"trt: for input {in_shape} the engine's output {b.name} has shape {got}, "
-                        f"expected {b.shape_for(run)} ({self.engine_path.name})"
+                        f"expected {b.shape_for(run)} ({self.artifact.name})"
                     )
             for b in table.all:
                 if not context.set_tensor_address(b.name, buffers[b.name].data_ptr()):
