@@ -157,21 +157,13 @@ def _check_bench_args(batch_sizes: Sequence[int], warmup: int, iterations: int) 
 
 
 def _check_batch_memory(batch_sizes: Sequence[int], runner, name: str) -> None:
-    """Refuse (one line, as ``infer --batch-size``) a batch size whose float32 tiles and logits
-    exceed :func:`fcn_deploy.infer.limits.batch_memory_limit`, before any tile is made."""
-    from fcn_deploy.infer.limits import batch_bytes, batch_memory_limit
+    """Refuse (one line, as ``infer --batch-size``: :func:`fcn_deploy.infer.limits.check_batch_size`)
+    a batch size whose float32 tiles and logits do not fit, before any tile is made."""
+    from fcn_deploy.infer.limits import check_batch_size
 
-    limit = batch_memory_limit()
     num_classes = int(runner.meta.get("num_classes") or len(runner.meta["classes"]))
-    tile_hw = tuple(runner.tile_hw)
     for bs in batch_sizes:
-        need = batch_bytes(bs, tile_hw, num_classes)
-        if need > limit:
-            fits = max(1, limit // batch_bytes(1, tile_hw, num_classes))
-            raise UsageError(
-                f"--batch-sizes {bs}: a batch of {tile_hw[0]}x{tile_hw[1]} tiles and their {num_classes}-class "
-                f"logits needs {need / 2**30:.1f} GiB of memory, more than the {limit / 2**30:.1f} GiB allowed "
-                f"for {name} (half the RAM, at most 16 GiB); use batch sizes of {fits} or less")
+        check_batch_size(bs, tuple(runner.tile_hw), num_classes, option="--batch-sizes")
 
 
 def _check_images(images) -> None:

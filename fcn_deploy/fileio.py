@@ -111,29 +111,28 @@ def write_error(path: str | os.PathLike, exc: OSError) -> OutputWriteError:
     return OutputWriteError(f"cannot write {path}: {reason}", exc.errno)
 
 
-def name_max(folder: str | os.PathLike) -> int:
-    """The longest file name, in bytes, the file system of ``folder`` (or of its nearest
-    existing ancestor) allows: ``NAME_MAX``, :data:`DEFAULT_NAME_MAX` where it does not say."""
+def _pathconf(folder: str | os.PathLike, name: str, default: int) -> int:
+    """``os.pathconf(name)`` of ``folder``'s file system (its nearest existing ancestor's), or
+    ``default`` where it does not say."""
     folder = os.path.abspath(folder)
     while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
     try:
-        value = os.pathconf(folder, "PC_NAME_MAX")
+        value = os.pathconf(folder, name)
     except (OSError, ValueError, AttributeError):
-        return DEFAULT_NAME_MAX
-    return value if value and value > 0 else DEFAULT_NAME_MAX
+        return default
+    return value if value and value > 0 else default
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name, in bytes, the file system of ``folder`` (or of its nearest
+    existing ancestor) allows: ``NAME_MAX``, :data:`DEFAULT_NAME_MAX` where it does not say."""
+    return _pathconf(folder, "PC_NAME_MAX", DEFAULT_NAME_MAX)
 
 
 def path_max(folder: str | os.PathLike) -> int:
     """``PATH_MAX`` of ``folder``'s file system (:data:`DEFAULT_PATH_MAX` where it does not say)."""
-    folder = os.path.abspath(folder)
-    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    try:
-        value = os.pathconf(folder, "PC_PATH_MAX")
-    except (OSError, ValueError, AttributeError):
-        return DEFAULT_PATH_MAX
-    return value if value and value > 0 else DEFAULT_PATH_MAX
+    return _pathconf(folder, "PC_PATH_MAX", DEFAULT_PATH_MAX)
 
 
 def name_too_long(path: str | os.PathLike, limit: int | None = None) -> str | None:

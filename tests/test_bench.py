@@ -153,7 +153,7 @@ def test_bench_refuses_a_batch_that_does_not_fit_in_memory(checkpoint_path, monk
     """issue 24: ``bench --batch-sizes 100000`` grew to 24 GB and was killed; refused in one line
     as ``infer --batch-size`` is (the same limit, fcn_deploy.infer.limits), before any tile is made."""
     monkeypatch.setattr("fcn_deploy.infer.limits.batch_memory_limit", lambda: 5 << 20)  # 64x96: 8 tiles fit
-    with pytest.raises(UsageError, match=r"^--batch-sizes 20: a batch of 64x96 tiles .* use batch sizes of 8 or less"):
+    with pytest.raises(UsageError, match=r"^--batch-sizes 20: a batch of 64x96 tiles .* use --batch-sizes 8 or less"):
         bench("torch", checkpoint_path, batch_sizes=(1, 20), warmup=0, iterations=1, echo=None,
               runner_kwargs=SMALL)
     monkeypatch.undo()

@@ -33,17 +33,18 @@ def batch_bytes(batch: int, tile_hw: tuple[int, int], num_classes: int) -> int:
     return batch * tile_hw[0] * tile_hw[1] * (3 + num_classes) * 4
 
 
-def check_batch_size(batch: int, tile_hw: tuple[int, int], num_classes: int, limit: int | None = None) -> None:
-    """Refuse (one line) a ``--batch-size`` whose tiles and logits exceed ``limit`` bytes
-    (default :func:`batch_memory_limit`), naming the largest batch that fits."""
+def check_batch_size(batch: int, tile_hw: tuple[int, int], num_classes: int, limit: int | None = None,
+                     option: str = "--batch-size") -> None:
+    """Refuse (one line naming ``option``) a batch size whose tiles and logits exceed ``limit``
+    bytes (default :func:`batch_memory_limit`), naming the largest batch that fits."""
     limit = batch_memory_limit() if limit is None else limit
     need = batch_bytes(batch, tile_hw, num_classes)
     if need > limit:
         fits = max(1, limit // batch_bytes(1, tile_hw, num_classes))
         raise UsageError(
-            f"--batch-size {batch}: a batch of {tile_hw[0]}x{tile_hw[1]} tiles and their {num_classes}-class "
+            f"{option} {batch}: a batch of {tile_hw[0]}x{tile_hw[1]} tiles and their {num_classes}-class "
             f"logits needs {need / 2**30:.1f} GiB of memory, more than the {limit / 2**30:.1f} GiB allowed "
-            f"(half the RAM, at most {MAX_BATCH_BYTES >> 30} GiB); use --batch-size {fits} or less"
+            f"(half the RAM, at most {MAX_BATCH_BYTES >> 30} GiB); use {option} {fits} or less"
         )
 
 
